@@ -1,0 +1,66 @@
+"""Datasets: one registry, one contract (:class:`RFTDataset`), several adapters.
+
+``get_dataset(name, root=...)`` returns an :class:`RFTDataset`. Registered names:
+
+* ``synthwild`` -- the embedded procedurally generated camera-trap world (default; offline).
+* ``iwildcam``, ``fmow`` -- WILDS benchmarks through the ``wilds`` package (official splits).
+* ``imagenet`` -- ImageNet val as ID plus whichever shifts are present (V2, Sketch, R, A).
+* ``domains`` -- PACS/VLCS-style ``root/<domain>/<class>/<image>`` folders, leave-one-domain-out.
+* ``folder`` -- a user's own data: ``root/<split>/<class>/<image>`` or a CSV.
+
+Adapters are imported lazily so that, e.g., ``wilds`` is only needed for the WILDS datasets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..registry import Registry
+from .base import (
+    ArrayImages, DataNotFoundError, FileImages, ImageReadError, RFTDataset, Split,
+)
+
+DATASETS: Registry[str] = Registry("dataset")
+for _name, _target in {
+    "synthwild": "rftlib.data.synthwild.dataset:load_synthwild",
+    "iwildcam": "rftlib.data.wilds_data:load_iwildcam",
+    "fmow": "rftlib.data.wilds_data:load_fmow",
+    "imagenet": "rftlib.data.imagenet:load_imagenet",
+    "domains": "rftlib.data.folders:load_domains",
+    "folder": "rftlib.data.folders:load_folder",
+}.items():
+    DATASETS.register(_name, _target)
+
+
+def default_data_root() -> Path:
+    """``$RFT_DATA_ROOT`` if set, else ``./data``."""
+    return Path(os.environ.get("RFT_DATA_ROOT", "data"))
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def get_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> RFTDataset:
+    """Load a dataset by name.
+
+    Args:
+        name: one of :func:`list_datasets` (case-insensitive).
+        root: data directory (default :func:`default_data_root`); for ``synthwild`` the cache dir.
+        **kwargs: adapter options (e.g. ``size="small"`` for synthwild, ``download=True`` for WILDS).
+
+    Raises:
+        rftlib.registry.UnknownNameError: unknown name (the message lists the valid ones).
+        DataNotFoundError: the data is missing (the message names the command that prepares it).
+    """
+    module, func = DATASETS.get(name).split(":")
+    loader = getattr(importlib.import_module(module), func)
+    return loader(root=Path(root) if root is not None else None, **kwargs)
+
+
+__all__ = [
+    "ArrayImages", "DATASETS", "DataNotFoundError", "FileImages", "ImageReadError", "RFTDataset", "Split",
+    "default_data_root", "get_dataset", "list_datasets",
+]

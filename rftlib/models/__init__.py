@@ -1,0 +1,18 @@
+"""Models: CLIP loading, zero-shot heads, image classifiers and portable checkpoints."""
+
+from .checkpoint import (
+    CheckpointMismatchError, check_sidecar, classifier_state, export_open_clip_weights, load_checkpoint,
+    load_classifier, read_sidecar, save_checkpoint,
+)
+from .heads import (
+    ImageClassifier, ZeroShotHead, build_image_classifier, build_zeroshot_head, class_prompts,
+    encode_class_prompts,
+)
+from .loading import PROJECT_MODELS, ClipModel, WeightsUnavailableError, get_tokenizer, list_models, load_clip
+
+__all__ = [
+    "CheckpointMismatchError", "ClipModel", "ImageClassifier", "PROJECT_MODELS", "WeightsUnavailableError",
+    "ZeroShotHead", "build_image_classifier", "build_zeroshot_head", "check_sidecar", "class_prompts",
+    "classifier_state", "encode_class_prompts", "export_open_clip_weights", "get_tokenizer", "list_models",
+    "load_checkpoint", "load_classifier", "load_clip", "read_sidecar", "save_checkpoint",
+]

@@ -1,0 +1,128 @@
+"""Model loading, zero-shot heads and checkpoints (tiny configs, CPU, offline)."""
+
+import pickle
+
+import open_clip
+import pytest
+import torch
+
+from rftlib.models import (
+    CheckpointMismatchError, ImageClassifier, WeightsUnavailableError, build_zeroshot_head, class_prompts,
+    classifier_state, encode_class_prompts, export_open_clip_weights, load_checkpoint, load_classifier,
+    load_clip, save_checkpoint,
+)
+from rftlib.registry import UnknownNameError
+
+CLASSES = ["zarvok", "mellibun", "red round animal"]
+TEMPLATES = ["a photo of a {}.", "a camera trap image of a {}."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_clip("rft-tiny", None)
+
+
+def test_head_rows_have_norm_exp_logit_scale(tiny):
+    head = build_zeroshot_head(tiny, CLASSES, TEMPLATES)
+    norms = head.weight.norm(dim=1)
+    assert torch.allclose(norms, tiny.logit_scale().expand_as(norms), rtol=1e-5)
+    assert torch.equal(head.bias, torch.zeros(len(CLASSES)))
+
+
+def test_head_matches_reference_recipe(tiny):
+    """Normalise per template, average, renormalise, scale: computed by hand here."""
+    rows = []
+    with torch.no_grad():
+        for name in CLASSES:
+            emb = tiny.model.encode_text(tiny.tokenizer([t.format(name) for t in TEMPLATES]))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(0)
+            rows.append(mean / mean.norm())
+    expected = torch.stack(rows) * tiny.logit_scale()
+    head = build_zeroshot_head(tiny, CLASSES, TEMPLATES)
+    assert torch.allclose(head.weight, expected, atol=1e-5)
+
+
+def test_head_normalises_image_features(tiny):
+    head = build_zeroshot_head(tiny, CLASSES, TEMPLATES)
+    feats = torch.randn(5, head.weight.shape[1])
+    assert torch.allclose(head(feats), head(feats * 7.0), atol=1e-4)
+
+
+def test_prompts_may_be_one_string_or_a_list_per_class(tiny):
+    single = build_zeroshot_head(tiny, prompts=["a zarvok", ["a mellibun", "a photo of a mellibun"]])
+    assert single.weight.shape[0] == 2
+    lists = class_prompts(["zarvok"], TEMPLATES)
+    assert torch.allclose(encode_class_prompts(tiny, lists), encode_class_prompts(tiny, [tuple(lists[0])]))
+    with pytest.raises(ValueError, match="class 0"):
+        build_zeroshot_head(tiny, prompts=[[]])
+
+
+def test_classifier_forward_shape(tiny):
+    clf = ImageClassifier(tiny.visual, build_zeroshot_head(tiny, CLASSES, TEMPLATES))
+    out = clf(torch.randn(2, 3, tiny.image_size, tiny.image_size))
+    assert out.shape == (2, len(CLASSES))
+
+
+def test_checkpoint_round_trip_and_stock_open_clip_reload(tiny, tmp_path):
+    head = build_zeroshot_head(tiny, CLASSES, TEMPLATES)
+    with torch.no_grad():
+        tiny.visual.conv1.weight.add_(0.01)  # pretend it was fine-tuned
+    path = save_checkpoint(tmp_path / "ft", classifier_state(tiny, head), clip=tiny, classnames=CLASSES,
+                           method="finetune", method_config={"lr": 1e-5})
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").exists()
+    clip2, clf2, sidecar = load_classifier(path, architecture="rft-tiny", classnames=CLASSES)
+    assert sidecar["method_config"] == {"lr": 1e-5} and sidecar["rftlib_version"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(clf2(x), ImageClassifier(tiny.visual, head)(x), atol=1e-6)
+    # stock open_clip loads the CLIP part with strict=True and computes the same image features
+    exported = export_open_clip_weights(path, tmp_path / "clip_only.safetensors")
+    stock = open_clip.create_model("rft-tiny", pretrained=str(exported))
+    with torch.no_grad():
+        assert torch.allclose(stock.encode_image(x), tiny.model.encode_image(x), atol=1e-6)
+
+
+def test_checkpoint_mismatch_names_the_field(tiny, tmp_path):
+    path = save_checkpoint(tmp_path / "m", classifier_state(tiny), clip=tiny, classnames=CLASSES)
+    with pytest.raises(CheckpointMismatchError, match="classnames.*entry 1"):
+        load_checkpoint(path, classnames=["zarvok", "other", "red round animal"])
+    with pytest.raises(CheckpointMismatchError, match="architecture"):
+        load_checkpoint(path, architecture="ViT-B-16")
+    with pytest.raises(ValueError, match="architecture 'rft-tiny'"):
+        load_clip("synthclip", str(path))
+
+
+def test_local_pt_state_dict_with_ddp_prefix(tiny, tmp_path):
+    state = {"state_dict": {f"module.{k}": v for k, v in tiny.model.state_dict().items()}, "epoch": 3}
+    torch.save(state, tmp_path / "ddp.pt")
+    clip = load_clip("rft-tiny", str(tmp_path / "ddp.pt"))
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(clip.model.state_dict()[k], v)
+
+
+def test_pickled_modules_are_refused(tiny, tmp_path):
+    path = tmp_path / "pickled.pt"
+    with open(path, "wb") as f:
+        pickle.dump(tiny.model, f)
+    with pytest.raises(WeightsUnavailableError, match="never unpickles"):
+        load_clip("rft-tiny", str(path))
+    with pytest.raises(ValueError, match="pickles are never loaded"):
+        load_checkpoint(path)
+
+
+def test_unknown_names_list_valid_choices():
+    with pytest.raises(UnknownNameError, match="Did you mean.*ViT-B-16"):
+        load_clip("ViT-B-61", None)
+    with pytest.raises(WeightsUnavailableError, match="valid tags:.*openai"):
+        load_clip("ViT-B-16", "not-a-tag")
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_clip("rft-tiny", "/nonexistent/weights.safetensors")
+
+
+def test_open_clip_tag_fails_fast_offline(monkeypatch):
+    """With HF_HUB_OFFLINE set the error says so (and comes before any network retry)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE is set"):
+        load_clip("ViT-B-32", "openai")
