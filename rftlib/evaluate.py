@@ -77,5 +77,9 @@ def evaluate(
     images = decode_split(s, spec.size, cache_dir=cache_dir, progress_mode=progress_mode)
     logits = run_model(model, images, spec, device=device, batch_size=batch_size, amp=amp,
                        progress_mode=progress_mode, desc=f"eval {s.name}")
+    if s.name in dataset.info.get("logit_projection", {}):  # ImageNet-R/A: 200 of the 1000 classes
+        from .data.imagenet import project_logits
+
+        logits = project_logits(dataset, s.name, logits)
     metrics = dataset.compute_metrics(s, logits.argmax(dim=1).numpy()) if s.role != "openset" else {}
     return EvalResult(s.name, s.role, logits, s.labels, s.metadata, metrics)

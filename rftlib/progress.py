@@ -9,7 +9,8 @@ in a terminal). Headless runs (papermill, CI) pass ``progress="off"`` or ``"text
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 MODES = ("auto", "text", "off")

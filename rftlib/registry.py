@@ -6,7 +6,8 @@ name always produces the same kind of error: what was asked for and the list of 
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

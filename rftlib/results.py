@@ -38,7 +38,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,16 +98,16 @@ _INHERITED_FIELDS = ("method", "dataset", "model", "pretrained", "seed", "config
 _DATETIME_COLUMNS = ("created_at", "finished_at")
 
 
-def _schema_sql() -> str:
-    """The ``CREATE ... IF NOT EXISTS`` script; idempotent, so racing processes may both run it."""
+def _schema_statements() -> tuple[str, ...]:
+    """The ``CREATE ... IF NOT EXISTS`` statements; idempotent, so racing processes may both run them."""
     results_cols = ",\n  ".join(f"{name} {decl}" for name, decl in RESULT_COLUMNS.items())
     run_cols = ",\n  ".join(f"{name} {decl}" for name, decl in RUN_COLUMNS.items())
-    return f"""
-CREATE TABLE IF NOT EXISTS results (\n  {results_cols}\n);
-CREATE INDEX IF NOT EXISTS idx_results_run_id ON results (run_id);
-CREATE INDEX IF NOT EXISTS idx_results_method_dataset ON results (method, dataset);
-CREATE TABLE IF NOT EXISTS runs (\n  {run_cols}\n);
-"""
+    return (
+        f"CREATE TABLE IF NOT EXISTS results (\n  {results_cols}\n)",
+        "CREATE INDEX IF NOT EXISTS idx_results_run_id ON results (run_id)",
+        "CREATE INDEX IF NOT EXISTS idx_results_method_dataset ON results (method, dataset)",
+        f"CREATE TABLE IF NOT EXISTS runs (\n  {run_cols}\n)",
+    )
 
 
 def default_path() -> Path:
@@ -115,11 +115,11 @@ def default_path() -> Path:
 
     Returns:
         ``$RFT_RESULTS_DB`` if that environment variable is set and non-empty, else
-        ``rft_runs/results.db`` under the current working directory (resolved to an absolute path,
-        so a later ``chdir`` does not move the store).
+        ``rft_runs/results.db`` under the current working directory; always absolute, so a later
+        ``chdir`` does not move the store.
     """
     env = os.environ.get(ENV_VAR)
-    return Path(env).expanduser() if env else Path.cwd() / DEFAULT_RELATIVE_PATH
+    return Path(env).expanduser().absolute() if env else Path.cwd() / DEFAULT_RELATIVE_PATH
 
 
 def resolve_path(path: str | os.PathLike | None = None) -> Path:
@@ -129,14 +129,14 @@ def resolve_path(path: str | os.PathLike | None = None) -> Path:
         path: An explicit database path, or None.
 
     Returns:
-        The database path to use.
+        The database path to use, made absolute so that a later ``chdir`` does not move it.
     """
-    return Path(path).expanduser() if path is not None else default_path()
+    return Path(path).expanduser().absolute() if path is not None else default_path()
 
 
 def _utc_now() -> str:
     """The current UTC time as ISO-8601 with microseconds, e.g. ``2024-05-01T12:00:00.123456+00:00``."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _config_json(config: Any) -> str | None:
@@ -241,10 +241,10 @@ def _where_clause(filters: Mapping[str, Any], allowed: Sequence[str]) -> tuple[s
         elif isinstance(value, (list, tuple, set, frozenset)):
             values = list(value)
             clauses.append(f"{name} IN ({', '.join('?' * len(values))})" if values else "0")
-            params.extend(values)
+            params.extend(_sql_value(v) for v in values)
         else:
             clauses.append(f"{name} = ?")
-            params.append(value)
+            params.append(_sql_value(value))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -298,9 +298,8 @@ class ResultsStore:
             conn.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _schema_sql().split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _schema_statements():
+                    conn.execute(statement)
                 yield conn
             except BaseException:
                 if conn.in_transaction:
@@ -355,7 +354,7 @@ class ResultsStore:
         Returns:
             ``method-dataset-<UTC timestamp>-<6 random hex digits>``.
         """
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         return f"{method}-{dataset}-{stamp}-{secrets.token_hex(3)}"
 
     def start_run(
@@ -386,7 +385,8 @@ class ResultsStore:
             "status": "running", "created_at": _utc_now(), "finished_at": None,
         }
         names = ", ".join(row)
-        updates = ", ".join(f"{name} = excluded.{name}" for name in row if name not in ("run_id", "created_at"))
+        kept = ("run_id", "created_at")  # a restarted run keeps its first creation time
+        updates = ", ".join(f"{name} = excluded.{name}" for name in row if name not in kept)
         sql = (
             f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(row))}) "
             f"ON CONFLICT(run_id) DO UPDATE SET {updates}"
@@ -497,7 +497,7 @@ class ResultsStore:
         """The inheritable fields of a registered run, or ``{}`` for an unregistered one."""
         cursor = conn.execute(f"SELECT {', '.join(_INHERITED_FIELDS)} FROM runs WHERE run_id = ?", (run_id,))
         found = cursor.fetchone()
-        return dict(zip(_INHERITED_FIELDS, found)) if found else {}
+        return dict(zip(_INHERITED_FIELDS, found, strict=True)) if found else {}
 
     def log_rows(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Bulk-insert already-tidy rows in one transaction.

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from rftlib.models import (
-    CheckpointMismatchError, ImageClassifier, WeightsUnavailableError, build_zeroshot_head, class_prompts,
-    classifier_state, encode_class_prompts, export_open_clip_weights, load_checkpoint, load_classifier,
-    load_clip, save_checkpoint,
+    CheckpointMismatchError,
+    ImageClassifier,
+    WeightsUnavailableError,
+    build_zeroshot_head,
+    class_prompts,
+    classifier_state,
+    encode_class_prompts,
+    export_open_clip_weights,
+    load_checkpoint,
+    load_classifier,
+    load_clip,
+    save_checkpoint,
 )
 from rftlib.registry import UnknownNameError
 

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from ..registry import Registry
 from .base import (
-    ArrayImages, DataNotFoundError, FileImages, ImageReadError, RFTDataset, Split,
+    ArrayImages,
+    DataNotFoundError,
+    FileImages,
+    ImageReadError,
+    RFTDataset,
+    Split,
 )
 
 DATASETS: Registry[str] = Registry("dataset")

@@ -15,9 +15,10 @@ worst-region accuracy without "Other", top-1 for ImageNet).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -97,7 +98,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "Split":
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Split:
         """A new split holding only ``indices`` (images, labels and metadata stay aligned)."""
         idx = np.asarray(indices, dtype=np.int64)
         if isinstance(self.images, ArrayImages):

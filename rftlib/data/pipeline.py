@@ -23,7 +23,7 @@ from ..progress import progress
 from .base import ArrayImages, FileImages, ImageReadError, Split
 
 log = logging.getLogger(__name__)
-_MEMORY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_MEMORY_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 MEMORY_CACHE_ITEMS = 16
 
 
@@ -36,7 +36,7 @@ class ImageSpec:
     std: tuple[float, float, float]
 
     @classmethod
-    def of(cls, clip) -> "ImageSpec":
+    def of(cls, clip) -> ImageSpec:
         """The spec of a :class:`rftlib.models.ClipModel`."""
         return cls(clip.image_size, tuple(clip.mean), tuple(clip.std))
 

@@ -1,11 +1,21 @@
 """Models: CLIP loading, zero-shot heads, image classifiers and portable checkpoints."""
 
 from .checkpoint import (
-    CheckpointMismatchError, check_sidecar, classifier_state, export_open_clip_weights, load_checkpoint,
-    load_classifier, read_sidecar, save_checkpoint,
+    CheckpointMismatchError,
+    check_sidecar,
+    classifier_state,
+    export_open_clip_weights,
+    load_checkpoint,
+    load_classifier,
+    read_sidecar,
+    save_checkpoint,
 )
 from .heads import (
-    ImageClassifier, ZeroShotHead, build_image_classifier, build_zeroshot_head, class_prompts,
+    ImageClassifier,
+    ZeroShotHead,
+    build_image_classifier,
+    build_zeroshot_head,
+    class_prompts,
     encode_class_prompts,
 )
 from .loading import PROJECT_MODELS, ClipModel, WeightsUnavailableError, get_tokenizer, list_models, load_clip

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -76,7 +77,8 @@ def save_checkpoint(
         "classnames": classnames, "method": method, "method_config": cfg, "extra": extra or {},
     }
     _atomic_write_bytes(path, lambda p: save_file(tensors, str(p)))
-    _atomic_write_bytes(sidecar_path(path), lambda p: p.write_text(json.dumps(sidecar, indent=2, default=str)))
+    text = json.dumps(sidecar, indent=2, default=str)
+    _atomic_write_bytes(sidecar_path(path), lambda p: p.write_text(text))
     return path
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

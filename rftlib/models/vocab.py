@@ -12,8 +12,8 @@ from 49,408 rows to under a thousand, which keeps synthclip's weights at a few m
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def _full_merges() -> list[tuple[str, str]]:
@@ -50,7 +50,6 @@ def subset_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 def _pieces(tokenizer, text: str) -> list[str]:
     """The final BPE tokens (as strings) of ``text`` under ``tokenizer``."""
     import regex
-
     from open_clip.tokenizer import basic_clean, whitespace_clean
 
     text = whitespace_clean(basic_clean(text)).lower()

@@ -172,7 +172,7 @@ SCENES: tuple[Scene, ...] = (
           ("near water", "by the water"), ood_only=True),
     Scene("swamp", (0.26, 0.30, 0.18), "trunks", (0.14, 0.16, 0.10), 0.60, 0.10, 0.03,
           ("in a swamp", "in the swamp"), ood_only=True),
-    Scene("desert", (0.86, 0.60, 0.36), "waves", (0.72, 0.46, 0.26), 0.50, 0.06, 0.03,
+    Scene("desert", (0.84, 0.60, 0.42), "waves", (0.72, 0.48, 0.34), 0.50, 0.06, 0.03,
           ("in the desert", "on desert sand"), ood_only=True),
 )
 

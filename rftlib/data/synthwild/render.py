@@ -26,8 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class RenderSpec:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def take(self, index: slice | np.ndarray) -> "RenderSpec":
+    def take(self, index: slice | np.ndarray) -> RenderSpec:
         """The spec of a subset of images (``index`` is a slice or an index array)."""
         parts = {
             f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
@@ -128,6 +128,14 @@ def _pixel_centres(size: int) -> np.ndarray:
     return np.arange(size, dtype=np.float32) + 0.5
 
 
+def _outer_sum(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Sum over k of separable stamps: ``out[m, y, x] = sum_k rows[m, k, y] * cols[m, k, x]``.
+
+    A batched matrix product, much faster than drawing each stamp on the full image.
+    """
+    return np.matmul(np.swapaxes(rows, 1, 2), cols)
+
+
 def _texture_blades(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
     """Thin vertical blades growing from the bottom edge (grass, savanna); alpha (m, S, S)."""
     k = max(4, size // 2)
@@ -138,7 +146,7 @@ def _texture_blades(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
     strength = rng.uniform(0.3, 1.0, (m, k, 1)).astype(np.float32)
     cols = np.clip(1 - np.abs(x - pos) / scale, 0, 1) * strength
     rows = np.clip((x - top) / (2 * scale), 0, 1)
-    return np.clip(np.einsum("mkx,mky->myx", cols, rows), 0, 1)
+    return np.clip(_outer_sum(cols, rows), 0, 1)
 
 
 def _texture_trunks(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
@@ -152,7 +160,7 @@ def _texture_trunks(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
     cols = np.clip(half + 0.5 - np.abs(x - pos), 0, 1) * strength
     # Trunks fade slightly towards the top, like trees receding into the canopy.
     rows = np.broadcast_to(0.7 + 0.3 * x / size, (m, k, size))
-    return np.clip(np.einsum("mkx,mky->myx", cols, rows), 0, 1)
+    return np.clip(_outer_sum(cols, rows), 0, 1)
 
 
 def _texture_blotches(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
@@ -166,7 +174,7 @@ def _texture_blotches(rng: np.random.Generator, m: int, size: int) -> np.ndarray
     strength = rng.uniform(0.4, 1.0, (m, k, 1)).astype(np.float32)
     gx = np.exp(-0.5 * ((x - cx) / sigma) ** 2) * strength
     gy = np.exp(-0.5 * ((x - cy) / sigma) ** 2)
-    return np.clip(np.einsum("mkx,mky->myx", gx, gy) * 1.5, 0, 1)
+    return np.clip(_outer_sum(gx, gy) * 1.5, 0, 1)
 
 
 def _texture_waves(rng: np.random.Generator, m: int, size: int) -> np.ndarray:
@@ -196,7 +204,7 @@ def _render_scene_group(rng: np.random.Generator, scene_id: int, m: int, size: i
     up = _upsample_matrix(size, 4)
     grid = rng.standard_normal((m, 4, 4, 3), dtype=np.float32)
     grid = grid[..., :1] + 0.3 * grid  # mostly brightness variation, a little colour
-    low = np.einsum("yi,mijc,xj->myxc", up, grid, up)
+    low = np.moveaxis(up @ np.moveaxis(grid, 3, 1) @ up.T, 1, 3)  # bilinear 4x4 -> S x S
     img = np.asarray(scene.base_rgb, dtype=np.float32) * (1 + scene.variation * low)
     alpha = (_TEXTURES[scene.texture](rng, m, size) * scene.texture_strength)[..., None]
     img = img * (1 - alpha) + np.asarray(scene.texture_rgb, dtype=np.float32) * alpha

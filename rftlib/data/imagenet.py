@@ -1,0 +1,288 @@
+"""ImageNet (ID) with its standard distribution shifts (OOD), from ImageFolder-style directories.
+
+Expected layout under the data root (only ``imagenet/val`` is required)::
+
+    <root>/imagenet/val/<wnid>/*.JPEG        -> split "id_test"          (role id, 50,000 images)
+    <root>/imagenet/train/<wnid>/*.JPEG      -> split "train"            (only with train=True)
+    <root>/imagenet-v2/<class>/*.jpeg        -> split "imagenet-v2"      (role ood; <class> is the
+                                                class index 0..999 as ImageNetV2 ships it, or a wnid)
+    <root>/imagenet-sketch/<wnid>/*.JPEG     -> split "imagenet-sketch"  (role ood)
+    <root>/imagenet-r/<wnid>/*.jpg           -> split "imagenet-r"       (role ood, 200 classes)
+    <root>/imagenet-a/<wnid>/*.jpg           -> split "imagenet-a"       (role ood, 200 classes)
+
+``wnid`` is the WordNet synset id of a class (``n01440764`` = tench). Labels are always ImageNet
+indices 0..999 in the canonical order (the sorted wnids, which is also what torchvision's
+``ImageFolder`` produces on the full train or val folder); ``rftlib/data/files/imagenet_wnids.txt``
+lists them, so a folder holding only some classes still gets the right indices.
+
+ImageNet-R and ImageNet-A cover 200 of the 1000 classes. The model keeps its 1000-way head, and,
+as in WiSE-FT, the logits are restricted to those 200 classes before the arg-max. The 200 indices
+per split are in ``dataset.info["logit_projection"]``, and :func:`project_logits` applies them; the
+evaluation code must call it before taking predictions (labels stay ImageNet indices). The two
+class lists (``imagenet_r_wnids.txt``, ``imagenet_a_wnids.txt``) are the official ones of the
+ImageNet-R / ImageNet-A releases.
+
+Class names are OpenAI's cleaned ImageNet names and the templates OpenAI's 80 ImageNet prompts
+(both as in WiSE-FT, FLYP and open_clip). The metric is top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .base import DataNotFoundError, FileImages, RFTDataset, Split
+from .textfiles import read_lines, read_templates
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+
+SHIFT_FOLDERS: dict[str, tuple[str, ...]] = {
+    "imagenet-v2": ("imagenet-v2", "imagenetv2-matched-frequency-format-val"),
+    "imagenet-sketch": ("imagenet-sketch", "sketch"),
+    "imagenet-r": ("imagenet-r",),
+    "imagenet-a": ("imagenet-a",),
+}
+"""Each shift's split name and the folder names accepted for it (the first is the documented one)."""
+
+SUBSET_FILES = {"imagenet-r": "imagenet_r_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt"}
+"""Shifts that cover only some classes, and the file listing their wnids."""
+
+DEFAULT_SHIFTS = ("imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a")
+
+
+# --------------------------------------------------------------------------------------------------
+# class lists
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _wnid_index() -> dict[str, int]:
+    return {wnid: i for i, wnid in enumerate(read_lines("imagenet_wnids.txt"))}
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in label order."""
+    return read_lines("imagenet_wnids.txt")
+
+
+def imagenet_classnames() -> list[str]:
+    """OpenAI's 1000 cleaned ImageNet class names in label order."""
+    return read_lines("imagenet_classnames.txt")
+
+
+def subset_indices(shift: str) -> list[int]:
+    """The ImageNet indices (ascending) of the classes a partial shift covers (R or A: 200)."""
+    if shift not in SUBSET_FILES:
+        raise KeyError(f"{shift!r} covers all 1000 classes; partial shifts: {', '.join(SUBSET_FILES)}")
+    index = _wnid_index()
+    return sorted(index[w] for w in read_lines(SUBSET_FILES[shift]))
+
+
+def folder_label(name: str) -> int:
+    """The ImageNet index that a class folder name stands for.
+
+    Args:
+        name: a wnid (``n01440764``) or a class index (``"0"`` .. ``"999"``, ImageNetV2's naming).
+
+    Raises:
+        ValueError: the name is neither.
+    """
+    if WNID_PATTERN.match(name):
+        index = _wnid_index()
+        if name not in index:
+            raise ValueError(f"class folder {name!r} is a wnid but not one of the 1000 ImageNet-1k classes")
+        return index[name]
+    if name.isdigit() and 0 <= int(name) < 1000:
+        return int(name)
+    raise ValueError(f"class folder {name!r} is neither an ImageNet wnid (n########) nor an index 0..999")
+
+
+# --------------------------------------------------------------------------------------------------
+# scanning folders
+# --------------------------------------------------------------------------------------------------
+def is_image_file(name: str) -> bool:
+    """Whether a file name has an image extension (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(folder: Path) -> list[str]:
+    """All image files below ``folder`` (recursively), as sorted absolute paths."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
+    return sorted(found)
+
+
+def class_folders(folder: Path) -> list[Path]:
+    """Visible sub-folders of ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_image_folder(folder: Path) -> tuple[list[str], np.ndarray]:
+    """Image paths and ImageNet labels of an ImageFolder-style directory (``<class>/<image>``).
+
+    Raises:
+        ValueError: a class folder has an unrecognised name, or no images were found.
+    """
+    folder = Path(folder).resolve()
+    paths: list[str] = []
+    labels: list[int] = []
+    for class_dir in class_folders(folder):
+        images = list_images(class_dir)
+        paths += images
+        labels += [folder_label(class_dir.name)] * len(images)
+    if not paths:
+        raise ValueError(f"no images found in {folder} (expected <class folder>/<image> files)")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loader
+# --------------------------------------------------------------------------------------------------
+def prepare_command(root: Path) -> str:
+    """The command that checks the ImageNet layout and explains how to obtain each part."""
+    return f"python data_scripts/prepare_imagenet.py --root {root}"
+
+
+def find_shift_folder(root: Path, shift: str) -> Path | None:
+    """The folder holding ``shift`` under ``root`` (any accepted name), or None."""
+    for name in SHIFT_FOLDERS[shift]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _folder_split(name: str, role: str, folder: Path) -> Split:
+    paths, labels = scan_image_folder(folder)
+    log.info("imagenet: %s has %d images in %d classes", name, len(paths), len(np.unique(labels)))
+    return Split(name, role, FileImages(tuple(paths)), labels, pd.DataFrame())
+
+
+def _check_subset(split: Split, shift: str) -> None:
+    """Refuse a partial shift whose classes fall outside its official 200-class list."""
+    outside = sorted(set(np.unique(split.labels).tolist()) - set(subset_indices(shift)))
+    if outside:
+        wnids = imagenet_wnids()
+        raise ValueError(
+            f"{shift} holds classes outside its official 200-class list: {[wnids[i] for i in outside[:10]]}"
+        )
+
+
+def load_imagenet(
+    root: Path | None = None, *, shifts: Iterable[str] = DEFAULT_SHIFTS, train: bool = False,
+) -> RFTDataset:
+    """ImageNet val (ID) plus whichever of the requested shifts are present (OOD).
+
+    Args:
+        root: the data root holding ``imagenet/`` and the shift folders (see the module docstring);
+            default :func:`rftlib.data.default_data_root`.
+        shifts: which shifts to look for; missing ones are skipped with a log message.
+        train: also load ``imagenet/train`` as the ``train`` split (1.28M file paths).
+
+    Returns:
+        A dataset whose ``info["logit_projection"]`` maps each 200-class split to its indices.
+
+    Raises:
+        DataNotFoundError: ``imagenet/val`` (or ``imagenet/train`` with ``train=True``) is missing.
+        ValueError: an unknown shift name, or a folder with unrecognised class names.
+    """
+    from . import default_data_root
+
+    root = Path(root) if root is not None else default_data_root()
+    shifts = [shifts] if isinstance(shifts, str) else list(shifts)
+    unknown = [s for s in shifts if s not in SHIFT_FOLDERS]
+    if unknown:
+        raise ValueError(f"unknown ImageNet shift(s) {unknown}; valid: {', '.join(SHIFT_FOLDERS)}")
+    splits = {}
+    if train:
+        splits["train"] = _folder_split("train", "train", _required(root, "train"))
+    splits["id_test"] = _folder_split("id_test", "id", _required(root, "val"))
+    projection = {}
+    for shift in shifts:
+        folder = find_shift_folder(root, shift)
+        if folder is None:
+            log.info("imagenet: shift %s not found under %s (looked for %s); skipping",
+                     shift, root, " or ".join(SHIFT_FOLDERS[shift]))
+            continue
+        splits[shift] = _folder_split(shift, "ood", folder)
+        if shift in SUBSET_FILES:
+            _check_subset(splits[shift], shift)
+            projection[shift] = subset_indices(shift)
+    return RFTDataset(
+        name="imagenet", classnames=imagenet_classnames(), templates=list(read_templates("imagenet")),
+        splits=splits, metric_fn=imagenet_metric, primary_metric={"id": "accuracy", "ood": "accuracy"},
+        root=root, info={"logit_projection": projection, "sizes": {n: len(s) for n, s in splits.items()}},
+    )
+
+
+def _required(root: Path, part: str) -> Path:
+    folder = root / "imagenet" / part
+    if not folder.is_dir():
+        raise DataNotFoundError(
+            f"ImageNet {part} not found: expected {folder}/<wnid>/<image> folders.\n"
+            f"ImageNet cannot be downloaded automatically; run\n    {prepare_command(root)}\n"
+            "to see what is present and how to obtain each part."
+        )
+    return folder
+
+
+def imagenet_metric(y_true: np.ndarray, y_pred: np.ndarray, metadata: pd.DataFrame) -> dict:
+    """Top-1 accuracy (predictions and labels are ImageNet indices)."""
+    from ..metrics import accuracy
+
+    del metadata
+    return {"accuracy": accuracy(y_true, y_pred)}
+
+
+# --------------------------------------------------------------------------------------------------
+# logit projection for the 200-class shifts
+# --------------------------------------------------------------------------------------------------
+def project_logits(dataset: RFTDataset, split_name: str, logits: Any, *, mode: str = "mask") -> Any:
+    """Restrict 1000-way logits to the classes that ``split_name`` covers (no-op for other splits).
+
+    Args:
+        dataset: a dataset from :func:`load_imagenet` (any dataset without
+            ``info["logit_projection"]`` entries is returned unchanged).
+        split_name: the split the logits were computed on.
+        logits: (N, 1000) numpy array or torch tensor.
+        mode: ``"mask"`` (default) keeps the shape and sets every other class to ``-inf``, so
+            ``argmax`` directly gives an ImageNet index that compares with the labels and a softmax
+            is a softmax over the covered classes; ``"select"`` returns only the covered columns,
+            (N, 200), column ``j`` being ImageNet class ``info["logit_projection"][split][j]``.
+
+    Returns:
+        Logits of the same kind (numpy or torch) as the input.
+    """
+    indices: Sequence[int] | None = dataset.info.get("logit_projection", {}).get(split_name)
+    if indices is None:
+        return logits
+    if mode not in ("mask", "select"):
+        raise ValueError(f"mode must be 'mask' or 'select', got {mode!r}")
+    if logits.shape[-1] != len(dataset.classnames):
+        raise ValueError(f"expected {len(dataset.classnames)} logit columns, got {logits.shape[-1]}")
+    if hasattr(logits, "detach"):  # torch
+        import torch
+
+        idx = torch.as_tensor(indices, device=logits.device)
+        if mode == "select":
+            return logits.index_select(-1, idx)
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[idx] = True
+        return logits.masked_fill(~keep, float("-inf"))
+    array = np.asarray(logits)
+    idx = np.asarray(indices)
+    if mode == "select":
+        return array[..., idx]
+    out = np.full_like(array, -np.inf, dtype=np.result_type(array.dtype, np.float32))
+    out[..., idx] = array[..., idx]
+    return out

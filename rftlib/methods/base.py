@@ -1,0 +1,75 @@
+"""The small interface every trainable method implements, and the batch it receives.
+
+A method that trains is a :class:`Task`: an ``nn.Module`` holding the trainable state and the
+objective. The one shared loop (:func:`rftlib.train.fit`) owns everything else: data order,
+optimizer, schedule, precision, accumulation, distribution, checkpoints, resume, evaluation and
+model selection. A task implements:
+
+* :meth:`Task.training_step` -- a batch in, a dict with ``loss`` (+ scalars to log) out;
+* :meth:`Task.classifier` -- the image -> logits model to evaluate now (FLYP rebuilds its head
+  from the current text tower here);
+* :meth:`Task.checkpoint_state` / :meth:`Task.load_checkpoint_state` -- the weights to save;
+* optionally :meth:`Task.after_optimizer_step` (DPS restores frozen rows, R-Adapter updates EMA)
+  and :meth:`Task.param_groups` (custom weight decay).
+
+Post-hoc methods (WiSE-FT merge, DRM beta mix, R-Adapter rescale) are plain functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """One (per-rank, per-micro-step) training batch.
+
+    Attributes:
+        images: normalised float images on the device (N, 3, S, S).
+        labels: int64 labels on the device.
+        indices: positions of the examples in the train split (for per-example state).
+        step: global optimiser step (0-based).
+        epoch: epoch (0-based).
+        generator: a CPU ``torch.Generator`` seeded from (seed, step, rank, micro-step), for any
+            randomness the task needs (e.g. FLYP's template per image); resume-safe.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    step: int
+    epoch: int
+    generator: torch.Generator
+
+
+class Task(nn.Module):
+    """Base class of trainable methods (see the module docstring)."""
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # lets DDP wrap the task
+        return self.training_step(batch)
+
+    def classifier(self) -> nn.Module:
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (default: nothing)."""
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups. Default, as in WiSE-FT/FLYP: decay on every trainable tensor."""
+        return [{"params": list(self.trainable_parameters()), "weight_decay": weight_decay}]

@@ -1,0 +1,359 @@
+"""The one shared training loop.
+
+:func:`fit` trains any :class:`rftlib.methods.base.Task` with AdamW and the per-step warmup+cosine
+schedule of :mod:`rftlib.schedule`; optional gradient clipping, accumulation and gradient
+checkpointing; bf16 autocast on CUDA (fp32 on CPU); DDP under ``torchrun``; evaluation on the ID
+validation split after every epoch with model selection on it (never on test); and crash-safe
+checkpoints with exact resume.
+
+Data order is a pure function of ``(seed, epoch)``: epoch ``e`` visits a fixed permutation of the
+training split in global batches of ``batch_size`` (the last incomplete batch is dropped); with
+``W`` ranks and ``A`` accumulation steps each rank sees ``batch_size / (W * A)`` examples per
+micro-step. Because of that, and because checkpoints store the optimizer, the step and the RNG
+state, a run killed at any point and resumed from its last checkpoint ends with exactly the same
+weights as an uninterrupted run (bit-identical on CPU).
+
+Checkpoints (``out_dir``): ``ckpt-<step>.safetensors`` (+ JSON sidecar) holds the weights,
+``state-<step>.pt`` the optimizer/step/RNG/selection state (plain tensors, read with
+``weights_only=True``), and ``latest.json`` names the newest pair; it is replaced atomically after
+both files are complete, so a crash mid-write never corrupts the last good checkpoint.
+``best.safetensors`` holds the weights selected on ID val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import dist as rdist
+from .data.base import RFTDataset
+from .data.pipeline import ImageSpec, decode_split, normalize
+from .evaluate import autocast_for, evaluate
+from .methods.base import Batch, Task
+from .models.checkpoint import load_checkpoint, save_checkpoint
+from .progress import progress
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every trainable method (methods embed one of these)."""
+
+    epochs: int = 3                 # passes over the training split
+    batch_size: int = 128           # global batch per optimiser step (all ranks, all micro-steps)
+    lr: float = 1e-5                # peak learning rate
+    weight_decay: float = 0.1       # AdamW decoupled decay (applied to all trainable tensors)
+    warmup_steps: int = 500         # linear warmup steps (clipped to the run length)
+    min_lr: float = 0.0             # learning-rate floor; see min_lr_mode
+    min_lr_mode: str = "flyp"       # "flyp": cosine*lr + min_lr; "floor": cosine from lr to min_lr
+    grad_clip: float | None = None  # global gradient-norm clip (WiSE-FT uses 1.0; FLYP none)
+    accum_steps: int = 1            # micro-steps per optimiser step
+    amp: bool = True                # bf16 autocast on CUDA (ignored on CPU)
+    grad_checkpointing: bool = False  # recompute activations in the towers to save memory
+    seed: int = 0                   # data order, initialisation of any new parameters
+    select_split: str | None = "id_val"  # selection split (ID validation, never test); None = last epoch
+    eval_splits: tuple[str, ...] = ("id_val",)  # splits evaluated after every epoch
+    eval_batch_size: int = 256
+    checkpoint_every: int = 0       # extra checkpoints every N steps (0: only at epoch ends)
+    keep_checkpoints: int = 1       # how many step checkpoints to keep
+    restore_best: bool = True       # end with the weights selected on select_split
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class Event:
+    """Something the loop reports to callbacks: ``kind`` is ``step``, ``eval``, ``epoch`` or ``end``."""
+
+    kind: str
+    step: int
+    epoch: int
+    data: dict = field(default_factory=dict)
+
+
+Callback = Callable[[Event], None]
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_epoch: int | None
+    best_metric: float | None
+    history: list[dict]
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 7919 + step) * 131 + rank) * 17 + micro)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Checkpointer:
+    """Writes and finds step checkpoints in ``out_dir`` (main rank only)."""
+
+    def __init__(self, out_dir: Path | None, task: Task, dataset: RFTDataset, keep: int):
+        self.out_dir, self.task, self.dataset, self.keep = out_dir, task, dataset, keep
+
+    def _save_weights(self, path: Path, extra: dict) -> Path:
+        return save_checkpoint(path, self.task.checkpoint_state(), clip=self.task.clip,
+                               classnames=self.dataset.classnames, method=getattr(self.task, "method_name", None),
+                               method_config=getattr(self.task, "method_config", None), extra=extra)
+
+    def save(self, step: int, train_state: dict) -> Path | None:
+        if self.out_dir is None or not rdist.current().is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        weights = self._save_weights(self.out_dir / f"ckpt-{step:08d}.safetensors", {"step": step})
+        state_path = self.out_dir / f"state-{step:08d}.pt"
+        torch.save(train_state, state_path.with_suffix(".tmp"))
+        os.replace(state_path.with_suffix(".tmp"), state_path)
+        latest = {"step": step, "weights": weights.name, "state": state_path.name}
+        tmp = self.out_dir / "latest.json.tmp"
+        tmp.write_text(json.dumps(latest))
+        os.replace(tmp, self.out_dir / "latest.json")
+        self._prune(step)
+        return weights
+
+    def save_best(self, extra: dict) -> Path | None:
+        if self.out_dir is None or not rdist.current().is_main:
+            return None
+        return self._save_weights(self.out_dir / "best.safetensors", extra)
+
+    def _prune(self, step: int) -> None:
+        steps = sorted(int(p.stem.split("-")[1]) for p in self.out_dir.glob("ckpt-*.safetensors"))
+        for old in steps[:-self.keep] if self.keep > 0 else []:
+            for p in (f"ckpt-{old:08d}.safetensors", f"ckpt-{old:08d}.json", f"state-{old:08d}.pt"):
+                (self.out_dir / p).unlink(missing_ok=True)
+
+    def latest(self) -> tuple[Path, Path] | None:
+        if self.out_dir is None or not (self.out_dir / "latest.json").exists():
+            return None
+        info = json.loads((self.out_dir / "latest.json").read_text())
+        return self.out_dir / info["weights"], self.out_dir / info["state"]
+
+
+def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit) -> dict[str, dict]:
+    model = task.classifier()
+    results = {}
+    for name in cfg.eval_splits:
+        res = evaluate(model, dataset, name, spec, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+        results[name] = res.metrics
+        emit(Event("eval", step, epoch, {"split": name, "role": res.role, "metrics": res.metrics}))
+    return results
+
+
+def fit(
+    task: Task, dataset: RFTDataset, cfg: TrainConfig, *, spec: ImageSpec, device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None, resume: bool = True, callbacks: Sequence[Callback] = (),
+    progress_mode: str | None = None, cache_dir: str | None = None,
+) -> FitResult:
+    """Train ``task`` on ``dataset``'s ``train`` split. See the module docstring for the contract.
+
+    Args:
+        task: the method's task (owns the model and the objective).
+        dataset: provides ``train``, the selection split and the evaluation splits.
+        cfg: optimisation settings.
+        spec: input geometry/normalisation of the model (``ImageSpec.of(clip)``).
+        device: where to train.
+        out_dir: checkpoint folder (``None``: no checkpoints, no resume).
+        resume: continue from ``out_dir``'s latest checkpoint if there is one.
+        callbacks: called with every :class:`Event` (live plots, results logging).
+    """
+    device = torch.device(device)
+    info = rdist.current()
+    out = Path(out_dir) if out_dir is not None else None
+    if cfg.select_split is not None and cfg.select_split not in cfg.eval_splits:
+        raise ValueError(f"select_split {cfg.select_split!r} must be one of eval_splits {cfg.eval_splits}")
+    train = dataset.split("train")
+    per_micro, rem = divmod(cfg.batch_size, info.world_size * cfg.accum_steps)
+    if rem or per_micro == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of world_size x accum_steps "
+                         f"({info.world_size} x {cfg.accum_steps})")
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {len(train)} examples, fewer than batch_size {cfg.batch_size}")
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, total)
+    images = decode_split(train, spec.size, cache_dir=cache_dir)
+    labels = torch.as_tensor(train.labels)
+
+    task.to(device)
+    if cfg.grad_checkpointing and hasattr(task.clip.model, "set_grad_checkpointing"):
+        task.clip.model.set_grad_checkpointing(True)
+    opt = torch.optim.AdamW(task.param_groups(cfg.weight_decay), lr=cfg.lr)
+    runner: nn.Module = task
+    if info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(
+            task, device_ids=ids, find_unused_parameters=getattr(task, "ddp_find_unused", False))
+    ckpt = _Checkpointer(out, task, dataset, cfg.keep_checkpoints)
+    emit = _emitter(callbacks)
+
+    step, best, history, last_path = 0, {"metric": None, "epoch": None, "state": None}, [], None
+    found = ckpt.latest() if resume else None
+    if found is not None:
+        weights, state_path = found
+        state, _ = load_checkpoint(weights)
+        task.load_checkpoint_state(state)
+        train_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        opt.load_state_dict(train_state["optimizer"])
+        _set_rng_state(train_state["rng"])
+        step, history, last_path = train_state["step"], train_state["history"], weights
+        best.update(metric=train_state["best_metric"], epoch=train_state["best_epoch"])
+        if best["epoch"] is not None and (out / "best.safetensors").exists():
+            best["state"] = load_checkpoint(out / "best.safetensors")[0]
+        log.info("resumed from %s at step %d", weights.name, step)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    task.train()
+    bar = progress(range(step, total), total=total - step, desc=f"train {getattr(task, 'method_name', '')}",
+                   mode=progress_mode)
+    for step in bar:
+        epoch, b = divmod(step, steps_per_epoch)
+        lr = lr_at(step, base=cfg.lr, warmup=warmup, total=total, min_lr=cfg.min_lr, mode=cfg.min_lr_mode)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = epoch_permutation(cfg.seed, epoch, len(train))[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        idx = idx.view(info.world_size, cfg.accum_steps, per_micro)[info.rank]
+        scalars = _optimizer_step(runner, task, opt, idx, images, labels, spec, device, cfg, step, epoch,
+                                  info, last_path)
+        emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
+        end_of_epoch = (step + 1) % steps_per_epoch == 0
+        if end_of_epoch:
+            task.eval()
+            metrics = _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step + 1, emit)
+            task.train()
+            history.append({"epoch": epoch, "step": step + 1, "metrics": metrics})
+            score = metrics[cfg.select_split][dataset.headline_metric(cfg.select_split)] if cfg.select_split else 0.0
+            if best["metric"] is None or score > best["metric"] or not cfg.select_split:
+                best.update(metric=score, epoch=epoch,
+                            state={k: v.detach().cpu().clone() for k, v in task.checkpoint_state().items()})
+                ckpt.save_best({"epoch": epoch, "select_split": cfg.select_split, "score": score})
+            emit(Event("epoch", step + 1, epoch, {"metrics": metrics, "best_epoch": best["epoch"]}))
+        if end_of_epoch or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            train_state = {"optimizer": opt.state_dict(), "step": step + 1, "rng": _rng_state(),
+                           "history": history, "best_metric": best["metric"], "best_epoch": best["epoch"]}
+            last_path = ckpt.save(step + 1, train_state) or last_path
+    if cfg.restore_best and best["state"] is not None:
+        task.load_checkpoint_state(best["state"])
+    task.eval()
+    emit(Event("end", total, cfg.epochs - 1, {"best_epoch": best["epoch"], "best_metric": best["metric"]}))
+    return FitResult(total, best["epoch"], best["metric"], history,
+                     out / "best.safetensors" if out and best["epoch"] is not None else None, last_path)
+
+
+def _emitter(callbacks: Sequence[Callback]) -> Callable[[Event], None]:
+    def emit(event: Event) -> None:
+        for cb in callbacks:
+            cb(event)
+    return emit
+
+
+def _optimizer_step(runner, task, opt, idx, images, labels, spec, device, cfg, step, epoch, info, last_path):
+    """Forward/backward over the accumulation micro-steps of one rank, then one AdamW step."""
+    totals: dict[str, float] = {}
+    for micro in range(cfg.accum_steps):
+        micro_idx = idx[micro]
+        batch = Batch(normalize(images[micro_idx], spec, device), labels[micro_idx].to(device), micro_idx,
+                      step, epoch, _step_generator(cfg.seed, step, info.rank, micro))
+        sync = micro == cfg.accum_steps - 1 or not info.enabled
+        context = runner.no_sync() if not sync else _null()
+        with context:
+            with autocast_for(device, cfg.amp):
+                out = runner(batch)
+            loss = out["loss"].float()
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"loss became {loss.item()} at step {step} (epoch {epoch}); {where}")
+            (loss / cfg.accum_steps).backward()
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
+    if cfg.grad_clip:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(task.trainable_parameters()), cfg.grad_clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    task.after_optimizer_step()
+    return {k: rdist.all_reduce_mean(v) for k, v in totals.items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rftlib.train --method flyp --dataset synthwild ...`` (also under torchrun)."""
+    from .methods import run_method
+
+    parser = argparse.ArgumentParser(description="Train one rftlib method (single process or torchrun).")
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--dataset", default="synthwild")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--model", default="synthclip")
+    parser.add_argument("--pretrained", default="synthclip")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--results-db", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set epochs=10 lr=1e-5")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    overrides = dict(_parse_override(s) for s in args.set)
+    info = rdist.init_distributed(args.device)
+    device = torch.device(args.device, info.local_rank) if args.device == "cuda" else torch.device(args.device)
+    result = run_method(args.method, dataset=args.dataset, data_root=args.data_root, model=args.model,
+                        pretrained=args.pretrained, device=device, out_dir=args.out_dir, seed=args.seed,
+                        results_db=args.results_db, overrides=overrides, progress="text")
+    if info.is_main:
+        print(json.dumps(result.summary(), indent=1, default=str))
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"override {text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+if __name__ == "__main__":
+    main()
