@@ -101,8 +101,8 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 7919 + step) * 131 + rank) * 17 + micro)
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 17)
 
 
 def _rng_state() -> dict:
@@ -248,7 +248,8 @@ def fit(
             group["lr"] = lr
         idx = epoch_permutation(cfg.seed, epoch, len(train))[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         idx = idx.view(info.world_size, cfg.accum_steps, per_micro)[info.rank]
-        scalars = _optimizer_step(runner, task, opt, idx, images, labels, spec, device, cfg, step, epoch,
+        pos = torch.arange(cfg.batch_size).view(info.world_size, cfg.accum_steps, per_micro)[info.rank]
+        scalars = _optimizer_step(runner, task, opt, idx, pos, images, labels, spec, device, cfg, step, epoch,
                                   info, last_path)
         emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
         end_of_epoch = (step + 1) % steps_per_epoch == 0
@@ -282,13 +283,13 @@ def _emitter(callbacks: Sequence[Callback]) -> Callable[[Event], None]:
     return emit
 
 
-def _optimizer_step(runner, task, opt, idx, images, labels, spec, device, cfg, step, epoch, info, last_path):
+def _optimizer_step(runner, task, opt, idx, pos, images, labels, spec, device, cfg, step, epoch, info, last_path):
     """Forward/backward over the accumulation micro-steps of one rank, then one AdamW step."""
     totals: dict[str, float] = {}
     for micro in range(cfg.accum_steps):
         micro_idx = idx[micro]
         batch = Batch(normalize(images[micro_idx], spec, device), labels[micro_idx].to(device), micro_idx,
-                      step, epoch, _step_generator(cfg.seed, step, info.rank, micro))
+                      step, epoch, pos[micro], cfg.batch_size, _step_generator(cfg.seed, step))
         sync = micro == cfg.accum_steps - 1 or not info.enabled
         context = runner.no_sync() if not sync else _null()
         with context:

@@ -34,8 +34,11 @@ class Batch:
         indices: positions of the examples in the train split (for per-example state).
         step: global optimiser step (0-based).
         epoch: epoch (0-based).
-        generator: a CPU ``torch.Generator`` seeded from (seed, step, rank, micro-step), for any
-            randomness the task needs (e.g. FLYP's template per image); resume-safe.
+        positions: positions of these examples within the global batch of this step.
+        global_batch_size: examples per optimiser step over all ranks and micro-steps.
+        generator: a CPU ``torch.Generator`` seeded from (seed, step), identical on every rank
+            and micro-step; draw through :meth:`randint` so that each example gets the same
+            random value whatever the number of ranks or accumulation steps (resume-safe too).
     """
 
     images: torch.Tensor
@@ -43,7 +46,14 @@ class Batch:
     indices: torch.Tensor
     step: int
     epoch: int
+    positions: torch.Tensor
+    global_batch_size: int
     generator: torch.Generator
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One random integer in [0, high) per example, independent of how the batch is split."""
+        draws = torch.randint(high, (self.global_batch_size,), generator=self.generator)
+        return draws[self.positions]
 
 
 class Task(nn.Module):

@@ -91,8 +91,9 @@ class FlypTask(Task):
         for p in self.model.parameters():
             p.requires_grad_(True)
 
-    def captions(self, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
-        picks = torch.randint(len(self.templates), (len(labels),), generator=generator)
+    def captions(self, batch: Batch) -> list[str]:
+        """One random template per image, filled with its class name."""
+        picks, labels = batch.randint(len(self.templates)), batch.labels
         return [self.templates[t].format(self.classnames[y]) for t, y in zip(picks.tolist(), labels.tolist())]
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
@@ -103,7 +104,7 @@ class FlypTask(Task):
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = all_gather_with_grad(self.model.encode_image(batch.images))
-        txt = all_gather_with_grad(self.encode_captions(self.captions(batch.labels, batch.generator)))
+        txt = all_gather_with_grad(self.encode_captions(self.captions(batch)))
         labels = all_gather_with_grad(batch.labels) if self.cfg.label_aware == "mask" else None
         loss = contrastive_loss(img, txt, self.model.logit_scale.exp(), labels)
         return {"loss": loss, "logit_scale": self.model.logit_scale.exp().detach()}
