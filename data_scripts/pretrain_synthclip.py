@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,11 @@ class PretrainConfig:
     warmup: int = 200             # linear warmup steps, then cosine to 0
     name_prob: float = 0.4        # P(species image's caption names the species)
     species_fraction: float = 0.4 # share of corpus images showing a world species
+    stop_at: int = 0              # stop after this many steps of the `steps`-long schedule (0: run it all)
     eval_every: int = 300         # zero-shot check on synthwild id_test / test (small)
+    snapshot_every: int = 0       # also save <out>-step<k>.safetensors every k steps (0: never)
     threads: int = 0              # torch threads (0 = torch default)
+    min_attribute_diff: int = 1   # world option (must match the default world)
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -79,14 +82,16 @@ def pretrain(cfg: PretrainConfig, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     clip = load_clip("synthclip", None)
     model = clip.model.train()
-    world = build_world(WorldConfig(seed=cfg.world_seed))
-    check_data = get_dataset("synthwild", seed=cfg.world_seed, size="small")
+    world = build_world(WorldConfig(seed=cfg.world_seed, min_attribute_diff=cfg.min_attribute_diff))
+    check_data = get_dataset("synthwild", seed=cfg.world_seed, size="small",
+                             min_attribute_diff=cfg.min_attribute_diff)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     loss_fn = ClipLoss()
     mean = torch.tensor(clip.mean).view(1, 3, 1, 1)
     std = torch.tensor(clip.std).view(1, 3, 1, 1)
     history, start = [], time.time()
-    for step in range(cfg.steps):
+    last = cfg.stop_at or cfg.steps
+    for step in range(last):
         rng = np.random.default_rng([cfg.seed, step])
         images, captions = sample_pretraining_batch(
             rng, world, cfg.batch_size, name_prob=cfg.name_prob, species_fraction=cfg.species_fraction)
@@ -103,17 +108,25 @@ def pretrain(cfg: PretrainConfig, out: Path) -> Path:
         if (step + 1) % 50 == 0:
             rate = (step + 1) * cfg.batch_size / (time.time() - start)
             log.info("step %d loss %.3f scale %.1f  %.0f pairs/s", step + 1, loss.item(), scale.item(), rate)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == last:
             model.eval()
             zs = zero_shot_check(clip, check_data)
             model.train()
             history.append({"step": step + 1, "minutes": round((time.time() - start) / 60, 2), **zs})
             log.info("zero-shot macro-F1 %s", history[-1])
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < last:
+            snap = out.with_name(f"{out.stem}-step{step + 1}.safetensors")
+            _save(clip, snap, replace(cfg, stop_at=step + 1, snapshot_every=0), history, start)
     model.eval()
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return _save(clip, out, cfg, history, start)
+
+
+def _save(clip, out: Path, cfg: PretrainConfig, history: list, start: float) -> Path:
+    """fp16 weights + sidecar; the sidecar's config reproduces exactly these weights."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in clip.model.state_dict().items()}
     clip.pretrained = None
     return save_checkpoint(out, state, clip=clip, method="pretrain_synthclip", method_config=asdict(cfg),
-                           extra={"history": history, "minutes": round((time.time() - start) / 60, 2)})
+                           extra={"history": list(history), "minutes": round((time.time() - start) / 60, 2)})
 
 
 def main() -> None:

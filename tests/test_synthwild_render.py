@@ -129,11 +129,12 @@ def test_night_shots_happen_at_night_hours(small):
     assert meta.loc[~meta["night"], "hour"].between(6, 18).all()
 
 
-def test_species_differ_in_two_core_attributes_and_have_unique_names():
-    world = build_world(WorldConfig())
+@pytest.mark.parametrize("min_diff", [1, 2])
+def test_species_respect_attribute_spacing_and_have_unique_names(min_diff):
+    world = build_world(WorldConfig(min_attribute_diff=min_diff))
     everyone = world.species + world.heldout_species
     for a, b in itertools.combinations(everyone, 2):
-        assert sum(x != y for x, y in zip(a.attributes, b.attributes)) >= 2
+        assert sum(x != y for x, y in zip(a.attributes, b.attributes)) >= min_diff
     names = [s.name for s in everyone]
     assert len(set(names)) == len(names)
     assert all(n.isalpha() and n.islower() and 5 <= len(n) <= 9 for n in names)

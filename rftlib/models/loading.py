@@ -19,6 +19,7 @@ import difflib
 import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def load_clip(
                 quick_gelu = bool(sidecar.get("quick_gelu", quick_gelu))
     tag = source if isinstance(source, str) else None
     try:
-        net = open_clip.create_model(model, pretrained=tag, device=device, force_quick_gelu=quick_gelu)
+        with _quiet_random_init_warning(source is not None and tag is None):
+            net = open_clip.create_model(model, pretrained=tag, device=device, force_quick_gelu=quick_gelu)
     except RuntimeError as err:
         raise _weights_error(model, tag, err) from err
     if tag == "openai":
@@ -209,6 +211,23 @@ def load_clip(
         image_size=size, mean=tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)), model_config=cfg,
     )
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns "initialized randomly" before we load local weights ourselves: drop that line."""
+    flt = _DropRandomInitWarning()
+    if active:
+        logging.getLogger().addFilter(flt)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(flt)
 
 
 def _resolve_weights(model: str, pretrained) -> str | Path | None:

@@ -108,7 +108,7 @@ class WorldConfig:
     ood_severity: float = 0.2  # 0..1: extra night, blur, darkness and tint at OOD cameras
     radius: tuple[float, float] = (6.5, 9.5)  # object radius range in pixels
     pattern_period: tuple[float, float] = (3.0, 6.0)  # coat pattern period range in pixels
-    min_attribute_diff: int = 2  # any two species differ in >= this many of shape/pattern/colour
+    min_attribute_diff: int = 1  # any two species differ in >= this many of shape/pattern/colour
     size: Union[str, int] = "default"  # 'tiny' | 'small' | 'default' | 'large', or train size
     long_tail: bool = True  # Zipf-like species frequencies (else uniform)
     zipf_exponent: float = 0.8  # species weight is 1 / (rank + zipf_offset) ** zipf_exponent

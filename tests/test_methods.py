@@ -1,0 +1,131 @@
+"""Methods: the spec's checklist (WiSE-FT end points, FLYP loss, probe head) and end-to-end runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rftlib.data import get_dataset
+from rftlib.methods import get_config, list_methods, run_method
+from rftlib.methods.flyp import contrastive_loss
+from rftlib.methods.wiseft import merge_state_dicts, output_ensemble
+from rftlib.models import load_clip
+from rftlib.registry import UnknownNameError
+from rftlib.results import load
+
+TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return get_dataset("synthwild", size="tiny", cache=False)
+
+
+def tiny_clip():
+    torch.manual_seed(0)
+    return load_clip("rft-tiny", None)
+
+
+def test_merge_end_points_and_midpoint():
+    zs = {"w": torch.randn(3, 4), "b": torch.zeros(3), "n": torch.tensor([7])}
+    ft = {"w": torch.randn(3, 4), "b": torch.ones(3), "n": torch.tensor([7])}
+    assert all(torch.equal(merge_state_dicts(zs, ft, 0.0)[k], zs[k]) for k in zs)
+    assert all(torch.equal(merge_state_dicts(zs, ft, 1.0)[k], ft[k]) for k in zs)
+    mid = merge_state_dicts(zs, ft, 0.5)
+    assert torch.allclose(mid["w"], (zs["w"] + ft["w"]) / 2) and torch.allclose(mid["b"], torch.full((3,), 0.5))
+    with pytest.raises(KeyError, match="different tensors"):
+        merge_state_dicts(zs, {"w": ft["w"]}, 0.5)
+
+
+def test_output_ensemble():
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    assert torch.equal(output_ensemble(a, b, 0.0), a)
+    assert torch.allclose(output_ensemble(a, b, 0.25), 0.75 * a + 0.25 * b)
+    probs = output_ensemble(a, b, 0.5, "probs").exp()
+    assert torch.allclose(probs, 0.5 * a.softmax(-1) + 0.5 * b.softmax(-1), atol=1e-6)
+
+
+def test_flyp_loss_on_a_hand_computed_example():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    scale = torch.tensor(2.0)
+    u, v = img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)
+    sims = 2.0 * u @ v.T
+    by_rows = -sum(math.log(math.exp(sims[i, i]) / sum(math.exp(sims[i, j]) for j in range(3))) for i in range(3)) / 3
+    by_cols = -sum(math.log(math.exp(sims[i, i]) / sum(math.exp(sims[j, i]) for j in range(3))) for i in range(3)) / 3
+    assert contrastive_loss(img, txt, scale).item() == pytest.approx(0.5 * (by_rows + by_cols), rel=1e-5)
+    assert contrastive_loss(img, txt, scale).item() == pytest.approx(contrastive_loss(txt, img, scale).item())
+    # masking same-label pairs removes them from the negatives
+    labels = torch.tensor([0, 0, 1])
+    assert contrastive_loss(img, txt, scale, labels) < contrastive_loss(img, txt, scale)
+
+
+def test_registry_and_config_resolution():
+    assert {"zeroshot", "finetune", "linear_probe", "lpft", "wiseft", "flyp"} <= set(list_methods())
+    with pytest.raises(UnknownNameError, match="valid methods: .*finetune"):
+        run_method("nope")
+    cfg = get_config("finetune", "iwildcam", {"epochs": 2})
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.weight_decay) == (2, 1e-5, 256, 0.2)
+    assert get_config("finetune", "synthwild").train.lr == 3e-4
+    with pytest.raises(UnknownNameError, match="valid options: .*label_smoothing"):
+        get_config("finetune", "synthwild", {"learning_rate": 1})
+
+
+def test_probe_head_equals_sklearn_on_normalised_features(data, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from rftlib.methods.common import RunContext
+    from rftlib.methods.linear_probe import image_features
+    from rftlib.results import ResultsStore
+
+    result = run_method("linear_probe", data=data, clip=tiny_clip(), out_dir=tmp_path, overrides={"C_grid": [1.0]})
+    head = result.classifier.head
+    assert head.normalize
+    # refit sklearn with the chosen C and compare decision functions on normalised features
+    ctx = RunContext(result.clip, data, torch.device("cpu"), ResultsStore(tmp_path / "r.db"), "r", "linear_probe")
+    x_train, x_test = image_features(ctx, "train").numpy(), image_features(ctx, "test").numpy()
+    ref = LogisticRegression(C=1.0, max_iter=300).fit(x_train, data.split("train").labels)
+    with torch.no_grad():
+        ours = head(torch.as_tensor(x_test))[:, torch.as_tensor(ref.classes_)].numpy()
+    assert np.allclose(ours, ref.decision_function(x_test), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "finetune", "linear_probe", "lpft", "flyp"])
+def test_every_method_runs_and_records_results(method, data, tmp_path):
+    overrides = {} if method in ("zeroshot", "linear_probe") else dict(TINY)
+    if method == "linear_probe":
+        overrides = {"C_grid": [1.0, 10.0]}
+    result = run_method(method, data=data, clip=tiny_clip(), out_dir=tmp_path / "ckpt", overrides=overrides)
+    assert set(result.metrics) == {"id_val", "id_test", "val", "test"}
+    assert all(0.0 <= m["macro_f1"] <= 1.0 for m in result.metrics.values())
+    rows = load(run_id=result.run_id)
+    assert {"id_test", "test"} <= set(rows.split) and set(rows.role) == {"id", "ood"}
+    assert (rows.method == method).all() and (rows.dataset == "synthwild").all()
+    if method in ("finetune", "lpft", "flyp"):
+        assert result.checkpoint is not None and result.checkpoint.exists()
+        assert rows.epoch.notna().any()  # per-epoch evaluations were recorded
+
+
+def test_wiseft_sweeps_any_checkpoint(data, tmp_path):
+    ft = run_method("finetune", data=data, clip=tiny_clip(), out_dir=tmp_path / "ft", overrides=TINY)
+    wise = run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(ft.checkpoint),
+                                                                          "alphas": [0.0, 0.5, 1.0]})
+    table = wise.extra["sweep"]
+    f1 = table[table.metric == "macro_f1"].set_index(["alpha", "split"]).value
+    zs = run_method("zeroshot", data=data, clip=tiny_clip())
+    for split in ("id_test", "test"):  # alpha 0 is zero-shot, alpha 1 is the fine-tuned model
+        assert f1[(0.0, split)] == pytest.approx(zs.metrics[split]["macro_f1"])
+        assert f1[(1.0, split)] == pytest.approx(ft.metrics[split]["macro_f1"])
+    rows = load(run_id=wise.run_id)
+    assert sorted(rows.alpha.dropna().unique()) == [0.0, 0.5, 1.0]
+
+
+def test_wiseft_on_a_contrastive_checkpoint_rebuilds_the_head(data, tmp_path):
+    fl = run_method("flyp", data=data, clip=tiny_clip(), out_dir=tmp_path / "fl", overrides=TINY)
+    wise = run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(fl.checkpoint),
+                                                                          "alphas": [1.0]})
+    assert wise.metrics["test"]["macro_f1"] == pytest.approx(fl.metrics["test"]["macro_f1"])
+    out = run_method("wiseft", data=data, clip=tiny_clip(), overrides={
+        "finetuned": str(fl.checkpoint), "alphas": [0.0, 1.0], "ensemble": "outputs"})
+    assert out.metrics["test"]["macro_f1"] >= 0.0
