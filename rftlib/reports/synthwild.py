@@ -89,7 +89,8 @@ def check_targets(numbers: dict) -> list[tuple[str, bool, str]]:
         best = max(interior, key=interior.get)
         margin = interior[best] - max(curve[0.0]["ood"], curve[1.0]["ood"])
         checks.append(("best interior WiSE-FT alpha beats both ends on OOD by >= 0.03",
-                       margin >= TARGETS["wise_margin"], f"alpha {best}: OOD {interior[best]:.3f}, margin {margin:+.3f}"))
+                       margin >= TARGETS["wise_margin"],
+                       f"alpha {best}: OOD {interior[best]:.3f}, margin {margin:+.3f}"))
     return checks
 
 

@@ -46,7 +46,8 @@ def main() -> None:
         task = flyp.FlypTask(clip, data.classnames, data.templates, flyp.Config())
     if info.is_main:
         os.makedirs(args.out, exist_ok=True)
-        save_file({k: v.contiguous().clone() for k, v in task.checkpoint_state().items()}, f"{args.out}/init.safetensors")
+        init = {k: v.contiguous().clone() for k, v in task.checkpoint_state().items()}
+        save_file(init, f"{args.out}/init.safetensors")
     callbacks = [lambda e: time.sleep(args.slow) if e.kind == "step" else None]
     fit(task, data, cfg, spec=ImageSpec.of(clip), out_dir=args.out, callbacks=callbacks, progress_mode="off")
     if info.is_main:
