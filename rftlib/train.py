@@ -334,14 +334,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set epochs=10 lr=1e-5")
+    parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dataset options, e.g. --data-option size=small")
+    parser.add_argument("--progress", default="text", choices=["auto", "text", "off"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(_parse_override(s) for s in args.set)
+    data_options = dict(_parse_override(s) for s in args.data_option)
     info = rdist.init_distributed(args.device)
     device = torch.device(args.device, info.local_rank) if args.device == "cuda" else torch.device(args.device)
+    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     result = run_method(args.method, dataset=args.dataset, data_root=args.data_root, model=args.model,
-                        pretrained=args.pretrained, device=device, out_dir=args.out_dir, seed=args.seed,
-                        results_db=args.results_db, overrides=overrides, progress="text")
+                        pretrained=pretrained, device=device, out_dir=args.out_dir, seed=args.seed,
+                        results_db=args.results_db, overrides=overrides, progress=args.progress,
+                        dataset_options=data_options)
     if info.is_main:
         print(json.dumps(result.summary(), indent=1, default=str))
 

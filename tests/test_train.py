@@ -168,3 +168,18 @@ def test_accumulation_matches_one_big_batch():
 def test_task_interface_is_explicit():
     with pytest.raises(NotImplementedError):
         Task().classifier()
+
+
+def test_cli_trains_and_prints_a_summary(tmp_path):
+    cmd = [sys.executable, "-m", "rftlib.train", "--method", "finetune", "--model", "rft-tiny", "--pretrained", "none",
+           "--data-option", "size=tiny", "cache=false", "--set", "epochs=1", "batch_size=32", "warmup_steps=1",
+           "--out-dir", str(tmp_path / "run"), "--results-db", str(tmp_path / "r.db"), "--progress", "off"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["method"] == "finetune" and set(summary["metrics"]) >= {"id_test", "test"}
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    bad = subprocess.run([*cmd[:4], "nope"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode != 0 and "valid methods" in bad.stderr

@@ -25,7 +25,7 @@ from .common import RunContext, RunResult, resolve_config
 log = logging.getLogger(__name__)
 
 METHODS: Registry[str] = Registry("method")
-for _name in ("zeroshot", "finetune", "linear_probe", "lpft", "wiseft", "flyp"):
+for _name in ("zeroshot", "finetune", "linear_probe", "lpft", "wiseft", "flyp", "dps", "drm", "croft", "radapter"):
     METHODS.register(_name, f"rftlib.methods.{_name}")
 
 
