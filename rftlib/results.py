@@ -30,6 +30,7 @@ environment variable or an explicit ``path`` argument says otherwise (explicit >
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,13 +144,15 @@ def _config_json(config: Any) -> str | None:
     """Serialise a config for the ``config_json`` column (strings are assumed to be JSON already).
 
     Args:
-        config: A dict (or any JSON-able value), a JSON string, or None.
+        config: A dict or dataclass (or any JSON-able value), a JSON string, or None.
 
     Returns:
         Canonical JSON (sorted keys, unknown objects via ``str``) or None.
     """
     if config is None or isinstance(config, str):
         return config
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
     return json.dumps(config, sort_keys=True, default=str)
 
 

@@ -1,0 +1,201 @@
+"""The notebooks' one-call layer: validate parameters, load data and model, run methods.
+
+Each notebook's first code cell holds literal parameters only (papermill injects overrides after
+it). The next cell calls :func:`setup` with those values; it checks every knob (range, type,
+device) and fails right there with a message naming the bad parameter, so a bad ``-p`` never
+wastes a training run. The returned :class:`Session` then loads the dataset (a missing dataset
+stops in that cell with the command that prepares it), the model, and runs methods through
+:func:`rftlib.methods.run_method` with the session's shared settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .progress import MODES, set_progress
+
+log = logging.getLogger(__name__)
+UNIT_KNOBS = ("alpha", "mask_ratio", "beta", "scale")
+
+
+class ParameterError(ValueError):
+    """A notebook parameter is out of range or malformed; the message names it."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise a valid torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ParameterError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device={device!r} but no CUDA GPU is available here; use device='cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ParameterError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def check_unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ParameterError(f"{name}={value!r} is out of range: it must be a number in [0, 1]")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name}={value!r} is invalid: it must be an integer >= 1 (or None for the preset)")
+    return value
+
+
+@dataclass
+class Session:
+    """Shared settings of one notebook run (see :func:`setup`)."""
+
+    dataset: str
+    data_root: str | None
+    model: str
+    pretrained: str | None
+    device: torch.device
+    seed: int
+    results_db: str | None
+    progress: str
+    overrides: dict = field(default_factory=dict)
+    knobs: dict = field(default_factory=dict)
+    data: Any = None
+    clip: Any = None
+
+    def load_data(self, **options):
+        """Load the dataset (cached on the session). Missing data raises with the prepare command."""
+        from .data import get_dataset
+
+        if self.data is None:
+            self.data = get_dataset(self.dataset, root=self.data_root, **options)
+        return self.data
+
+    def load_model(self):
+        """A fresh copy of the pretrained CLIP each call (methods fine-tune the model they get)."""
+        from .models import load_clip
+
+        return load_clip(self.model, self.pretrained, device=self.device)
+
+    def run(self, method: str, *, callbacks=(), **overrides):
+        """Run a method on the session's data and a fresh model; ``overrides`` go to its config."""
+        from .methods import run_method
+
+        return run_method(method, data=self.load_data(), clip=self.load_model(), device=self.device, seed=self.seed,
+                          results_db=self.results_db, overrides={**self.overrides, **overrides},
+                          progress=self.progress, callbacks=callbacks)
+
+    def results(self, **filters) -> pd.DataFrame:
+        """The results store as a tidy DataFrame (filtered, e.g. ``method="wiseft"``)."""
+        from .results import load
+
+        return load(self.results_db, **filters)
+
+
+def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synthclip", pretrained: str = "synthclip",
+          epochs: int | None = None, batch_size: int | None = None, seed: int = 0, device: str = "auto",
+          results_db: str = "", progress: str = "auto", **knobs: Any) -> Session:
+    """Validate a notebook's parameters and return its :class:`Session`.
+
+    Args:
+        dataset, data_root: what to load ("" = ``$RFT_DATA_ROOT`` or ``./data``).
+        model, pretrained: the CLIP (``pretrained="none"`` = random weights).
+        epochs, batch_size: ``None`` keeps each method's preset for the dataset.
+        seed: data order and initialisation.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        results_db: SQLite results file ("" = ``$RFT_RESULTS_DB`` or ``rft_runs/results.db``).
+        progress: ``auto`` | ``text`` | ``off``.
+        **knobs: method knobs; ``alpha``, ``mask_ratio``, ``beta``, ``scale`` must lie in [0, 1].
+
+    Raises:
+        ParameterError: naming the first invalid parameter.
+        rftlib.registry.UnknownNameError: unknown dataset (listing the valid ones).
+    """
+    from .data import DATASETS
+
+    DATASETS.get(dataset)  # unknown names fail here, with the valid ones listed
+    if progress not in MODES:
+        raise ParameterError(f"progress={progress!r} is invalid; valid: {', '.join(MODES)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ParameterError(f"seed={seed!r} must be an integer")
+    overrides = {}
+    if check_positive_int("epochs", epochs) is not None:
+        overrides["epochs"] = epochs
+    if check_positive_int("batch_size", batch_size) is not None:
+        overrides["batch_size"] = batch_size
+    for name, value in knobs.items():
+        if name in UNIT_KNOBS:
+            check_unit_interval(name, value)
+    set_progress(progress)
+    weights = None if str(pretrained).lower() in ("", "none") else pretrained
+    return Session(dataset=dataset, data_root=data_root or None, model=model, pretrained=weights,
+                   device=resolve_device(device), seed=seed, results_db=results_db or os.environ.get("RFT_RESULTS_DB"),
+                   progress=progress, overrides=overrides, knobs=knobs)
+
+
+def unit_grid(points: int) -> list[float]:
+    """``points`` evenly spaced values from 0 to 1 (rounded for readable tables)."""
+    check_positive_int("grid_points", points, allow_none=False)
+    if points < 2:
+        raise ParameterError(f"grid_points={points} must be at least 2")
+    return [round(float(x), 4) for x in np.linspace(0.0, 1.0, points)]
+
+
+def id_ood_table(sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test",
+                 ood_split: str = "test") -> pd.DataFrame:
+    """A sweep as a small knob x (ID, OOD) table for display."""
+    from .viz import id_ood_points
+
+    return id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split).set_index(knob).round(4)
+
+
+def metrics_table(result, *, metric: str | None = None) -> pd.DataFrame:
+    """A run's final metrics as a split x metric table (optionally one metric)."""
+    table = result.table()
+    return table[[metric]] if metric else table
+
+
+def wiseft_exact(result, session: Session, *, subset: int = 500, id_split: str = "id_test", ood_split: str = "test"):
+    """A callable ``alpha -> (id, ood)`` that merges the weights at ``alpha`` and evaluates for real
+    on the first ``subset`` images of each split (the "Evaluate exactly" button of the explorer)."""
+    from .data.pipeline import ImageSpec
+    from .evaluate import evaluate
+
+    wise, data = result.extra["wise"], session.load_data()
+    spec = ImageSpec.of(wise.clip)
+    splits = {s: data.split(s).subset(np.arange(min(subset, len(data.split(s))))) for s in (id_split, ood_split)}
+    metric = data.headline_metric(id_split)
+
+    def exact(alpha: float) -> tuple[float, float]:
+        model = wise.model_at(alpha)
+        return tuple(evaluate(model, data, splits[s], spec, device=session.device).metrics[metric]
+                     for s in (id_split, ood_split))
+    return exact
+
+
+def latest_runs(session: Session, runs: dict) -> pd.DataFrame:
+    """The results-store rows of the given runs (a dict of name -> RunResult)."""
+    frame = session.results()
+    return frame[frame.run_id.isin([r.run_id for r in runs.values()])]
+
+
+def ensure_baselines(session: Session, baselines: tuple[str, ...] = ("zeroshot", "finetune")) -> pd.DataFrame:
+    """The store's rows for the session's dataset, running any missing baseline method first."""
+    frame = session.results(dataset=session.dataset)
+    for method in baselines:
+        if frame.empty or not (frame.method == method).any():
+            log.info("no %s results for %s yet: running it", method, session.dataset)
+            session.run(method)
+    return session.results(dataset=session.dataset)

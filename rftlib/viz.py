@@ -1,0 +1,779 @@
+"""Plotly figures for robust fine-tuning: pure functions from tidy frames to ``go.Figure``.
+
+Every function here takes a pandas frame produced by the library and returns a
+:class:`plotly.graph_objects.Figure` (or a frame); nothing here needs a browser, a kernel or
+ipywidgets, so it is all testable headless. :mod:`rftlib.widgets` binds these figures to sliders.
+
+The frames:
+
+* a **sweep table**: one row per (knob value, split, metric) with columns ``<knob>`` (one of
+  :data:`KNOBS`), ``split``, ``role``, ``metric``, ``value`` -- e.g. what
+  :func:`rftlib.methods.wiseft.sweep` returns for ``alpha``. Duplicate rows (several seeds) are
+  averaged.
+* the **results store** (:func:`rftlib.results.load`): one row per logged metric, with the knob
+  columns empty for plain runs.
+* **training events** (:class:`rftlib.train.Event`), turned into a tidy frame by
+  :func:`events_frame`.
+* **detection scores**: columns ``score`` (higher = more in-distribution, as in
+  :mod:`rftlib.metrics`), ``is_ood`` (bool) and optionally ``kind`` (where the samples come from).
+
+The ID-vs-OOD plane is the picture of the WiSE-FT paper (Wortsman et al., CVPR 2022): x is the
+in-distribution metric, y the out-of-distribution one, each model is a point and a mixing knob
+traces a curve between the zero-shot and the fine-tuned end points. Points above the straight
+zero-shot -> fine-tuned segment are *effectively robust*: better OOD than the ID gain alone
+predicts.
+
+Displaying: in a live notebook just display the figure. For executed (papermill) notebooks use
+:func:`show_static`, and :func:`save_html` for a standalone, offline HTML artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "KNOBS", "compare_methods", "detection_histogram", "detection_rates", "detection_title", "evaluate_grid",
+    "eval_trace", "events_frame", "headline_metric", "id_ood_curve", "id_ood_figure", "id_ood_points", "knob_curves",
+    "knob_title", "loss_trace", "marker_trace", "point_at", "save_html", "show_static", "static_bundle",
+    "threshold_at_tpr", "training_curves",
+]
+
+KNOBS = ("alpha", "mask_ratio", "beta", "scale")
+"""The knob columns of sweep tables and of the results store."""
+
+ENDPOINT_LABELS: dict[str, dict[float, str]] = {"alpha": {0.0: "zero-shot", 1.0: "fine-tuned"}}
+"""Names for special knob values (WiSE-FT's alpha = 0 is the zero-shot model, 1 the fine-tuned)."""
+
+HEADLINE_PREFERENCE = ("macro_f1", "accuracy")
+"""Metrics tried, in order, when a training plot has to pick its headline metric itself."""
+
+EVENT_COLUMNS = ("kind", "step", "epoch", "split", "role", "metric", "value")
+"""Columns of :func:`events_frame`."""
+
+PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
+
+COLORS = {
+    "curve": "#1f77b4", "selected": "#d62728", "exact": "#ff7f0e", "reference": "#9e9e9e",
+    "id": "#1f77b4", "ood": "#ff7f0e", "line": "#555555",
+}
+TEMPLATE = "plotly_white"
+
+
+# --------------------------------------------------------------------------- small helpers
+def _require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    """Raise a ``ValueError`` naming the missing columns of ``frame``."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the {what} lacks column(s) {missing}; it has {list(frame.columns)}")
+
+
+def knob_title(knob: str, value: float, id_value: float, ood_value: float, *, digits: int = 2) -> str:
+    """The one-line status shown above ID/OOD plots, e.g. ``"alpha=0.50 · ID 0.812 · OOD 0.701"``.
+
+    Args:
+        knob: Name of the knob (``alpha``, ``beta``, ...).
+        value: Its current value.
+        id_value: The ID metric at that value.
+        ood_value: The OOD metric at that value.
+        digits: Decimals of the knob value.
+
+    Returns:
+        The title text.
+    """
+    return f"{knob}={value:.{digits}f} · ID {id_value:.3f} · OOD {ood_value:.3f}"
+
+
+def _endpoint_label(knob: str, value: float) -> str:
+    """``"zero-shot"``/``"fine-tuned"`` for alpha 0/1, ``"<knob>=<value>"`` otherwise."""
+    for special, label in ENDPOINT_LABELS.get(knob, {}).items():
+        if math.isclose(value, special, abs_tol=1e-9):
+            return label
+    return f"{knob}={value:g}"
+
+
+# --------------------------------------------------------------------------- ID/OOD points
+def id_ood_points(
+    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+) -> pd.DataFrame:
+    """Pivot a tidy sweep table into one row per knob value with its ID and OOD metric.
+
+    Rows whose knob is missing are ignored, so a results-store frame of one method works too;
+    duplicate rows for one knob value (several seeds) are averaged.
+
+    Args:
+        sweep: Tidy frame with columns ``<knob>``, ``split``, ``metric``, ``value``.
+        knob: The knob column, e.g. ``"alpha"``.
+        metric: The metric to read (``macro_f1`` is the headline for iWildCam and synthwild).
+        id_split: The split whose metric goes on the x axis.
+        ood_split: The split whose metric goes on the y axis.
+
+    Returns:
+        A frame with columns ``[knob, "id", "ood"]`` sorted by the knob; knob values lacking
+        either split are dropped.
+
+    Raises:
+        ValueError: if a column, the metric or one of the splits is missing.
+    """
+    _require_columns(sweep, [knob, "split", "metric", "value"], "sweep table")
+    rows = sweep[(sweep["metric"] == metric) & sweep[knob].notna()]
+    for split in (id_split, ood_split):
+        if not (rows["split"] == split).any():
+            raise ValueError(f"no {metric!r} rows for split {split!r} with {knob} set; the table has metrics "
+                             f"{sorted(sweep['metric'].dropna().unique())} and splits "
+                             f"{sorted(sweep['split'].dropna().unique())}")
+    mean = rows.groupby([knob, "split"])["value"].mean()
+    points = pd.DataFrame({"id": mean.xs(id_split, level="split"), "ood": mean.xs(ood_split, level="split")})
+    points = points.dropna().rename_axis(knob).reset_index()
+    points[knob] = points[knob].astype(float)
+    return points.sort_values(knob, ignore_index=True)
+
+
+def evaluate_grid(values_fn: Any, knob: str, grid: Iterable[float]) -> pd.DataFrame:
+    """Tabulate a live ``values_fn(value) -> (id, ood)`` on a grid, in the shape of :func:`id_ood_points`.
+
+    Args:
+        values_fn: Callable returning the ID and the OOD metric at a knob value (e.g. DRM's
+            mixing of cached logits at ``beta``).
+        knob: Name of the knob.
+        grid: Knob values to evaluate.
+
+    Returns:
+        A frame with columns ``[knob, "id", "ood"]`` sorted by the knob.
+    """
+    values = sorted({float(v) for v in grid})
+    pairs = [tuple(map(float, values_fn(v))) for v in values]
+    return pd.DataFrame({knob: values, "id": [p[0] for p in pairs], "ood": [p[1] for p in pairs]})
+
+
+def point_at(points: pd.DataFrame, knob: str, value: float, *, interpolate: bool = True) -> dict[str, float]:
+    """The ID/OOD metrics at a knob value, read off a points frame.
+
+    With ``interpolate=True`` the metrics are linearly interpolated between the two neighbouring
+    grid values. That keeps the point on the drawn polyline of the ID/OOD curve, agrees exactly
+    with the table at grid values, and is honest about what was measured (an interpolated value is
+    not an evaluation). With ``interpolate=False`` the nearest grid point is returned. Values
+    outside the grid are clamped to its ends.
+
+    Args:
+        points: Frame from :func:`id_ood_points` (sorted by the knob).
+        knob: The knob column.
+        value: Where to read.
+        interpolate: Interpolate (default) or snap to the nearest grid value.
+
+    Returns:
+        ``{"value", "id", "ood"}``; ``value`` is the clamped (or snapped) knob value.
+    """
+    grid = points[knob].to_numpy(float)
+    value = float(np.clip(value, grid[0], grid[-1]))
+    if not interpolate:
+        i = int(np.abs(grid - value).argmin())
+        return {"value": float(grid[i]), "id": float(points["id"].iat[i]), "ood": float(points["ood"].iat[i])}
+    return {"value": value, "id": float(np.interp(value, grid, points["id"].to_numpy(float))),
+            "ood": float(np.interp(value, grid, points["ood"].to_numpy(float)))}
+
+
+# --------------------------------------------------------------------------- ID/OOD figure
+def _reference_trace(points: pd.DataFrame) -> go.Scatter:
+    """The dashed ``y = x`` line (ID = OOD) spanning the data of both axes."""
+    values = points[["id", "ood"]].to_numpy(float)
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.05 * (hi - lo) or 0.01
+    return go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x",
+                      line={"dash": "dash", "color": COLORS["reference"], "width": 1}, hoverinfo="skip")
+
+
+def _curve_trace(points: pd.DataFrame, knob: str) -> go.Scatter:
+    """Line + markers through the knob grid; hovering shows the knob value."""
+    return go.Scatter(x=points["id"], y=points["ood"], customdata=points[knob], mode="lines+markers", name=knob,
+                      line={"color": COLORS["curve"]}, marker={"size": 6},
+                      hovertemplate=f"{knob}=%{{customdata:.2f}}<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra></extra>")
+
+
+def _endpoint_trace(points: pd.DataFrame, knob: str) -> go.Scatter:
+    """Text labels at the two ends of the curve (``zero-shot``/``fine-tuned`` for alpha)."""
+    ends = points.iloc[[0, -1]]
+    return go.Scatter(x=ends["id"], y=ends["ood"], mode="text", name="end points", showlegend=False,
+                      text=[_endpoint_label(knob, v) for v in ends[knob]], textposition="bottom right",
+                      hoverinfo="skip")
+
+
+def marker_trace(name: str, xs: Iterable[float], ys: Iterable[float], values: Iterable[float], knob: str, *,
+                 color: str, symbol: str = "circle", size: int = 16) -> go.Scatter:
+    """A big marker (``selected`` or ``exact``) at given ID/OOD points, with the knob in the hover text.
+
+    Args:
+        name: Trace name; widgets find their traces by it.
+        xs: ID values.
+        ys: OOD values.
+        values: The knob value of each point (hover text).
+        knob: Name of the knob.
+        color: Marker colour.
+        symbol: Plotly marker symbol.
+        size: Marker size in px.
+
+    Returns:
+        The scatter trace.
+    """
+    hover = f"{knob}=%{{customdata:.2f}}<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra>{name}</extra>"
+    return go.Scatter(x=list(xs), y=list(ys), customdata=list(values), mode="markers", name=name,
+                      marker={"size": size, "color": color, "symbol": symbol, "line": {"width": 2, "color": "white"}},
+                      hovertemplate=hover)
+
+
+def id_ood_figure(
+    points: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+    highlight: float | None = None, title: str | None = None,
+) -> go.Figure:
+    """The ID-vs-OOD curve of a knob from a points frame (see :func:`id_ood_curve`).
+
+    Traces, in order and by name: ``"y = x"``, ``<knob>`` (the curve), ``"end points"`` (labels)
+    and, if ``highlight`` is given, ``"selected"``.
+
+    Args:
+        points: Frame with columns ``[knob, "id", "ood"]``.
+        knob: The knob column.
+        metric: Metric name, for the axis titles.
+        id_split: ID split name, for the x axis title.
+        ood_split: OOD split name, for the y axis title.
+        highlight: Knob value to mark with a big ``selected`` marker (snapped to the nearest grid
+            value); the default title then reads like :func:`knob_title`.
+        title: Title text (overrides the default).
+
+    Returns:
+        The figure.
+    """
+    fig = go.Figure([_reference_trace(points), _curve_trace(points, knob), _endpoint_trace(points, knob)])
+    default_title = f"ID vs OOD {metric} across {knob}"
+    if highlight is not None:
+        p = point_at(points, knob, highlight, interpolate=False)
+        fig.add_trace(marker_trace("selected", [p["id"]], [p["ood"]], [p["value"]], knob, color=COLORS["selected"]))
+        default_title = knob_title(knob, p["value"], p["id"], p["ood"])
+    fig.update_layout(title={"text": title or default_title}, template=TEMPLATE, hovermode="closest",
+                      xaxis_title=f"ID {metric} ({id_split})", yaxis_title=f"OOD {metric} ({ood_split})",
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0})
+    return fig
+
+
+def id_ood_curve(
+    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+    highlight: float | None = None, title: str | None = None,
+) -> go.Figure:
+    """ID metric (x) against OOD metric (y) along a knob sweep, the WiSE-FT picture.
+
+    The curve runs through the precomputed knob grid (hover shows the knob value), its ends are
+    labelled (``zero-shot``/``fine-tuned`` for alpha 0/1), a dashed ``y = x`` line marks equal ID
+    and OOD performance, and ``highlight`` adds a big ``selected`` marker.
+
+    Args:
+        sweep: Tidy sweep table (see the module docstring).
+        knob: The knob column, e.g. ``"alpha"``.
+        metric: The metric on both axes.
+        id_split: The ID split (x axis).
+        ood_split: The OOD split (y axis).
+        highlight: Knob value to mark (nearest grid value); the title then shows it, e.g.
+            ``"alpha=0.50 · ID 0.812 · OOD 0.701"``.
+        title: Title text (overrides the default).
+
+    Returns:
+        The figure.
+    """
+    points = id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
+    return id_ood_figure(points, knob, metric=metric, id_split=id_split, ood_split=ood_split,
+                         highlight=highlight, title=title)
+
+
+def knob_curves(
+    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+    highlight: float | None = None, title: str | None = None,
+) -> go.Figure:
+    """The ID and the OOD metric against the knob: two lines, and a dotted vertical line at ``highlight``.
+
+    Args:
+        sweep: Tidy sweep table.
+        knob: The knob column (x axis).
+        metric: The metric (y axis).
+        id_split: The ID split.
+        ood_split: The OOD split.
+        highlight: Knob value marked by a vertical line (shape named ``"selected"``).
+        title: Title text (overrides the default).
+
+    Returns:
+        The figure, with traces named ``"ID (<id_split>)"`` and ``"OOD (<ood_split>)"``.
+    """
+    points = id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
+    fig = go.Figure()
+    for column, split, role in (("id", id_split, "ID"), ("ood", ood_split, "OOD")):
+        fig.add_scatter(x=points[knob], y=points[column], mode="lines+markers", name=f"{role} ({split})",
+                        line={"color": COLORS[column]},
+                        hovertemplate=f"{knob}=%{{x:.2f}}<br>{role} %{{y:.3f}}<extra></extra>")
+    default_title = f"{metric} across {knob}"
+    if highlight is not None:
+        p = point_at(points, knob, highlight, interpolate=False)
+        fig.add_vline(x=p["value"], line={"dash": "dot", "color": COLORS["selected"]}, name="selected")
+        default_title = knob_title(knob, p["value"], p["id"], p["ood"])
+    fig.update_layout(title={"text": title or default_title}, template=TEMPLATE, xaxis_title=knob,
+                      yaxis_title=metric, hovermode="x unified")
+    return fig
+
+
+# --------------------------------------------------------------------------- training curves
+def events_frame(events: Iterable[Any]) -> pd.DataFrame:
+    """Flatten training events into a tidy frame (columns :data:`EVENT_COLUMNS`).
+
+    ``step`` events give one row per numeric scalar (``loss``, ``lr``, ...; ``split`` empty);
+    ``eval`` events give one row per metric of their split. ``epoch`` events repeat the eval
+    metrics and ``end`` events carry no curve, so both are skipped.
+
+    Args:
+        events: :class:`rftlib.train.Event` objects (anything with ``kind``, ``step``, ``epoch``,
+            ``data``).
+
+    Returns:
+        The tidy frame, in arrival order.
+    """
+    rows: list[dict[str, Any]] = []
+    for event in events:
+        base = {"kind": event.kind, "step": int(event.step), "epoch": int(event.epoch)}
+        if event.kind == "step":
+            rows += [{**base, "split": None, "role": None, "metric": k, "value": float(v)}
+                     for k, v in event.data.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+        elif event.kind == "eval":
+            shared = {**base, "split": event.data.get("split"), "role": event.data.get("role")}
+            rows += [{**shared, "metric": k, "value": float(v)} for k, v in event.data.get("metrics", {}).items()]
+    return pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
+
+
+def headline_metric(frame: pd.DataFrame) -> str | None:
+    """The metric a training plot shows per epoch: the first of :data:`HEADLINE_PREFERENCE` present.
+
+    Args:
+        frame: An :func:`events_frame`.
+
+    Returns:
+        A metric name, the first evaluated metric if none of the preferred ones is there, or None
+        when nothing was evaluated.
+    """
+    metrics = list(dict.fromkeys(frame.loc[frame["kind"] == "eval", "metric"]))
+    preferred = [m for m in HEADLINE_PREFERENCE if m in metrics]
+    return (preferred or metrics or [None])[0]
+
+
+def loss_trace(steps: Iterable[float], losses: Iterable[float]) -> go.Scatter:
+    """The training-loss line (left panel of :func:`training_curves`)."""
+    return go.Scatter(x=list(steps), y=list(losses), mode="lines", name="loss", line={"color": COLORS["line"]},
+                      hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>")
+
+
+def eval_trace(split: str, epochs: Iterable[float], values: Iterable[float], metric: str) -> go.Scatter:
+    """One split's metric per epoch (right panel of :func:`training_curves`)."""
+    return go.Scatter(x=list(epochs), y=list(values), mode="lines+markers", name=split,
+                      hovertemplate=f"epoch %{{x}}<br>{split} {metric} %{{y:.3f}}<extra></extra>")
+
+
+def training_curves(events_or_frame: Iterable[Any] | pd.DataFrame, *, metric: str | None = None,
+                    title: str | None = None) -> go.Figure:
+    """Loss against step (left) and each evaluated split's headline metric against epoch (right).
+
+    Epochs are plotted as "epochs completed" (``Event.epoch + 1``), so the first evaluation sits at 1.
+
+    Args:
+        events_or_frame: A list of :class:`rftlib.train.Event` or an :func:`events_frame`.
+        metric: The per-epoch metric (default: :func:`headline_metric`).
+        title: Figure title.
+
+    Returns:
+        A two-panel figure: trace ``"loss"`` on ``x``/``y``, one trace per split on ``x2``/``y2``.
+    """
+    frame = events_or_frame if isinstance(events_or_frame, pd.DataFrame) else events_frame(events_or_frame)
+    _require_columns(frame, EVENT_COLUMNS, "events frame")
+    metric = metric or headline_metric(frame)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12)
+    loss = frame[(frame["kind"] == "step") & (frame["metric"] == "loss")]
+    fig.add_trace(loss_trace(loss["step"], loss["value"]), row=1, col=1)
+    evals = frame[(frame["kind"] == "eval") & (frame["metric"] == metric)]
+    for split, rows in evals.groupby("split", sort=False):
+        fig.add_trace(eval_trace(str(split), rows["epoch"] + 1, rows["value"], metric), row=1, col=2)
+    fig.update_layout(title={"text": title or "training"}, template=TEMPLATE, legend={"title": {"text": ""}})
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_xaxes(title_text="epochs completed", row=1, col=2)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text=metric or "metric", row=1, col=2)
+    return fig
+
+
+# --------------------------------------------------------------------------- comparing methods
+def _single_dataset(results: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
+    """Keep one dataset's rows; refuse to mix datasets silently."""
+    if dataset is not None:
+        return results[results["dataset"] == dataset]
+    found = sorted(results["dataset"].dropna().unique())
+    if len(found) > 1:
+        raise ValueError(f"the results hold several datasets {found}; pass dataset=...")
+    return results
+
+
+def _seed_keys(rows: pd.DataFrame) -> pd.Series:
+    """The seed of each row as a string, or ``run:<run_id>`` when the seed was not logged."""
+    seeds = rows["seed"].astype("string")
+    return seeds.fillna("run:" + rows["run_id"].astype(str))
+
+
+def _final_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (run, split): the rows of the final model (epoch empty) or else of the last epoch."""
+    pieces = []
+    for _, group in rows.groupby(["run_id", "split"], sort=False):
+        final = group[group["epoch"].isna()]
+        pieces.append(final if len(final) else group[group["epoch"] == group["epoch"].max()])
+    return pd.concat(pieces) if pieces else rows.iloc[:0]
+
+
+def _per_seed(rows: pd.DataFrame, id_split: str, ood_split: str, by: list[str]) -> pd.DataFrame:
+    """Average duplicates to one (ID, OOD) pair per ``by`` + seed, dropping incomplete pairs."""
+    if rows.empty:
+        return pd.DataFrame(columns=[*by, "seed_key", "id", "ood"])
+    rows = rows.assign(seed_key=_seed_keys(rows))
+    wide = rows.pivot_table(index=[*by, "seed_key"], columns="split", values="value", aggfunc="mean")
+    if id_split not in wide or ood_split not in wide:
+        return pd.DataFrame(columns=[*by, "seed_key", "id", "ood"])
+    wide = wide[[id_split, ood_split]].rename(columns={id_split: "id", ood_split: "ood"}).dropna()
+    return wide.reset_index().rename_axis(columns=None)
+
+
+def _summarise(per_seed: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof=1; NaN for one seed) over seeds."""
+    grouped = per_seed.groupby(by, sort=False)
+    table = grouped.agg(n_seeds=("id", "size"), id_mean=("id", "mean"), id_std=("id", "std"),
+                        ood_mean=("ood", "mean"), ood_std=("ood", "std"))
+    return table.reset_index()
+
+
+def _no_knobs(rows: pd.DataFrame, except_knob: str | None = None) -> pd.Series:
+    """Mask of rows whose knob columns (all but ``except_knob``) are empty."""
+    mask = pd.Series(True, index=rows.index)
+    for knob in KNOBS:
+        if knob != except_knob and knob in rows:
+            mask &= rows[knob].isna()
+    return mask
+
+
+def _config_number(text: str, key: str) -> float | None:
+    """A number from a ``config_json`` cell: a JSON object's key, or ``key=<number>`` in a stored repr."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        config = text
+    if isinstance(config, dict):
+        value = config.get(key)
+        return float(value) if isinstance(value, numbers.Real) else None
+    found = re.search(rf"\b{re.escape(key)}=([-+0-9.eE]+)", str(config))
+    return float(found.group(1)) if found else None
+
+
+def _report_alpha(rows: pd.DataFrame, grid: np.ndarray) -> float:
+    """The alpha a WiSE-FT run reports (``report_alpha`` in its config, else 0.5), snapped to the grid."""
+    found = (_config_number(text, "report_alpha") for text in rows["config_json"].dropna().unique())
+    wanted = next((value for value in found if value is not None), 0.5)
+    return float(grid[np.abs(grid - wanted).argmin()])
+
+
+def _alpha_curves(rows: pd.DataFrame, id_split: str, ood_split: str) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Alpha sweeps per method: a mean-over-seeds curve each, and one table row at the reported alpha."""
+    sweeps = rows[rows["alpha"].notna() & _no_knobs(rows, "alpha") & rows["epoch"].isna()]
+    per_seed = _per_seed(sweeps, id_split, ood_split, ["method", "alpha"])
+    curves, table_rows = {}, []
+    for method, seeds in per_seed.groupby("method", sort=False):
+        curves[str(method)] = seeds.groupby("alpha")[["id", "ood"]].mean().reset_index()
+        alpha = _report_alpha(sweeps[sweeps["method"] == method], curves[str(method)]["alpha"].to_numpy())
+        at = seeds[np.isclose(seeds["alpha"], alpha)].assign(method=f"{method} (alpha={alpha:.2f})")
+        table_rows.append(_summarise(at, ["method"]))
+    table = pd.concat(table_rows, ignore_index=True) if table_rows else pd.DataFrame()
+    return curves, table
+
+
+def _endpoints(table: pd.DataFrame, curves: Mapping[str, pd.DataFrame], zero_shot: str,
+               fine_tuned: str) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The zero-shot and fine-tuned (ID, OOD) means: from the table, else from an alpha curve's ends."""
+    found = {m: (r.id_mean, r.ood_mean) for r in table.itertuples() for m in (zero_shot, fine_tuned) if r.method == m}
+    if len(found) == 2:
+        return found[zero_shot], found[fine_tuned]
+    for curve in curves.values():
+        ends = curve.set_index("alpha")
+        if 0.0 in ends.index and 1.0 in ends.index:
+            return tuple(ends.loc[0.0]), tuple(ends.loc[1.0])
+    return None
+
+
+def _method_trace(row: Any) -> go.Scatter:
+    """One method's mean point, with ±1 std error bars when there is more than one seed."""
+    bars = row.n_seeds > 1
+    return go.Scatter(
+        x=[row.id_mean], y=[row.ood_mean], mode="markers+text", name=row.method, text=[row.method],
+        textposition="top center", marker={"size": 11},
+        error_x={"type": "data", "array": [row.id_std if bars else 0.0], "visible": bool(bars)},
+        error_y={"type": "data", "array": [row.ood_std if bars else 0.0], "visible": bool(bars)},
+        hovertemplate=f"{row.method} (n={row.n_seeds})<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra></extra>")
+
+
+def compare_methods(
+    results: pd.DataFrame, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+    dataset: str | None = None, zero_shot: str = "zeroshot", fine_tuned: str = "finetune",
+) -> tuple[pd.DataFrame, go.Figure]:
+    """Every method's final ID and OOD metric, averaged over seeds, as a table and an ID-vs-OOD scatter.
+
+    Which rows count: for plain runs (all knob columns empty) the rows of the final model
+    (``epoch`` empty), or, for a run that only logged per-epoch evaluations, its last epoch. Rows
+    with ``mask_ratio``/``beta``/``scale`` set are sweeps of a post-hoc knob and are left out. Rows
+    with ``alpha`` set are WiSE-FT-style sweeps: each such method is drawn as a curve (mean over
+    seeds per alpha) and enters the table once, as ``"<method> (alpha=<a>)"`` at the alpha its run
+    reports (``report_alpha`` in its config, else 0.5).
+
+    Seeds: values are first averaged per (method, seed) -- a run without a logged seed counts as
+    its own seed -- then mean and sample standard deviation (ddof=1; NaN for a single seed) are
+    taken over seeds. Error bars (±1 std) are drawn when a method has more than one seed.
+
+    The dashed straight segment from the zero-shot to the fine-tuned point is the line a
+    fine-tuning run would move along if robustness only tracked ID accuracy; points above it are
+    effectively robust.
+
+    Args:
+        results: Frame from :func:`rftlib.results.load` (one backbone; filter beforehand).
+        metric: The metric compared.
+        id_split: The ID split (x axis).
+        ood_split: The OOD split (y axis).
+        dataset: Keep only this dataset's rows (required when the frame holds several).
+        zero_shot: Method name of the zero-shot end point.
+        fine_tuned: Method name of the fine-tuned end point.
+
+    Returns:
+        ``(table, figure)``; the table has columns ``method, n_seeds, id_mean, id_std, ood_mean,
+        ood_std`` sorted by ``ood_mean`` (best first).
+    """
+    _require_columns(results, ["run_id", "method", "dataset", "split", "metric", "value", "epoch", "seed",
+                               *KNOBS], "results frame")
+    rows = _single_dataset(results, dataset)
+    rows = rows[(rows["metric"] == metric) & rows["split"].isin([id_split, ood_split])]
+    plain = _final_rows(rows[_no_knobs(rows)])
+    table = _summarise(_per_seed(plain, id_split, ood_split, ["method"]), ["method"])
+    curves, alpha_rows = _alpha_curves(rows, id_split, ood_split)
+    if len(alpha_rows):
+        table = pd.concat([table, alpha_rows], ignore_index=True) if len(table) else alpha_rows
+    columns = ["method", "n_seeds", "id_mean", "id_std", "ood_mean", "ood_std"]
+    table = table.reindex(columns=columns).sort_values("ood_mean", ascending=False, ignore_index=True)
+    table["n_seeds"] = table["n_seeds"].astype(int)
+    return table, _comparison_figure(table, curves, metric, id_split, ood_split, zero_shot, fine_tuned)
+
+
+def _comparison_figure(table: pd.DataFrame, curves: Mapping[str, pd.DataFrame], metric: str, id_split: str,
+                       ood_split: str, zero_shot: str, fine_tuned: str) -> go.Figure:
+    """Draw the compare_methods scatter: ZS->FT segment, alpha curves, one marker trace per method."""
+    fig = go.Figure()
+    ends = _endpoints(table, curves, zero_shot, fine_tuned)
+    if ends is not None:
+        (x0, y0), (x1, y1) = ends
+        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", name="zero-shot → fine-tuned",
+                        line={"dash": "dash", "color": COLORS["reference"]}, hoverinfo="skip")
+    for method, curve in curves.items():
+        fig.add_scatter(x=curve["id"], y=curve["ood"], customdata=curve["alpha"], mode="lines+markers",
+                        name=f"{method} (alpha sweep)", marker={"size": 5},
+                        hovertemplate="alpha=%{customdata:.2f}<br>ID %{x:.3f}<br>OOD %{y:.3f}<extra></extra>")
+    for row in table.itertuples():
+        fig.add_trace(_method_trace(row))
+    fig.update_layout(title={"text": f"ID vs OOD {metric}: methods compared"}, template=TEMPLATE,
+                      xaxis_title=f"ID {metric} ({id_split})", yaxis_title=f"OOD {metric} ({ood_split})")
+    return fig
+
+
+# --------------------------------------------------------------------------- OOD detection
+def _id_ood_scores(scores: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Split a scores frame into ID and OOD score arrays."""
+    _require_columns(scores, ["score", "is_ood"], "scores frame")
+    is_ood = scores["is_ood"].astype(bool).to_numpy()
+    values = scores["score"].to_numpy(float)
+    if is_ood.all() or not is_ood.any():
+        raise ValueError("the scores frame needs both ID (is_ood=False) and OOD (is_ood=True) rows")
+    return values[~is_ood], values[is_ood]
+
+
+def detection_rates(scores: pd.DataFrame, threshold: float) -> tuple[float, float]:
+    """TPR and FPR of the rule "accept as ID when ``score >= threshold``".
+
+    Args:
+        scores: Frame with ``score`` (higher = more ID) and ``is_ood``.
+        threshold: The acceptance threshold.
+
+    Returns:
+        ``(tpr, fpr)``: the fraction of ID samples kept and of OOD samples (wrongly) accepted.
+    """
+    s_id, s_ood = _id_ood_scores(scores)
+    return float(np.mean(s_id >= threshold)), float(np.mean(s_ood >= threshold))
+
+
+def threshold_at_tpr(scores: pd.DataFrame, tpr: float = 0.95) -> float:
+    """The threshold keeping a fraction ``tpr`` of ID samples, as in :func:`rftlib.metrics.fpr_at_tpr`.
+
+    Args:
+        scores: Frame with ``score`` and ``is_ood``.
+        tpr: Target true-positive rate in ``(0, 1]``.
+
+    Returns:
+        The largest ID score such that at least ``ceil(tpr * n_id)`` ID scores are ``>=`` it.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    s_id, _ = _id_ood_scores(scores)
+    n_keep = math.ceil(tpr * s_id.size - 1e-9)
+    return float(np.sort(s_id)[s_id.size - n_keep])
+
+
+def detection_title(threshold: float, tpr: float, fpr: float) -> str:
+    """E.g. ``"threshold 1.23 · TPR 0.950 (ID kept) · FPR 0.310 (OOD accepted)"``."""
+    return f"threshold {threshold:.3g} · TPR {tpr:.3f} (ID kept) · FPR {fpr:.3f} (OOD accepted)"
+
+
+def _group_name(scores: pd.DataFrame, ood: bool) -> str:
+    """``"ID"``/``"OOD"``, followed by the sample kinds of that group when a ``kind`` column exists."""
+    name = "OOD" if ood else "ID"
+    if "kind" not in scores:
+        return name
+    kinds = scores.loc[scores["is_ood"].astype(bool) == ood, "kind"].dropna().astype(str).unique()
+    return f"{name} ({', '.join(kinds)})" if len(kinds) else name
+
+
+def detection_histogram(scores: pd.DataFrame, threshold: float | None = None, *, nbins: int = 40,
+                        title: str | None = None) -> go.Figure:
+    """Overlaid ID and OOD score histograms with the acceptance threshold as a vertical line.
+
+    Both histograms share the same bins and are normalised to fractions of their group, so a small
+    OOD set is as visible as a large ID one. The title reports TPR (ID kept) and FPR (OOD
+    accepted) at the threshold.
+
+    Args:
+        scores: Frame with ``score`` (higher = more ID), ``is_ood`` and optionally ``kind``.
+        threshold: Acceptance threshold (default: the one keeping 95% of ID, :func:`threshold_at_tpr`).
+        nbins: Number of shared bins.
+        title: Title text (overrides the default :func:`detection_title`).
+
+    Returns:
+        The figure: histogram traces ``ID...`` and ``OOD...`` and a line shape named ``"threshold"``.
+    """
+    threshold = threshold_at_tpr(scores) if threshold is None else float(threshold)
+    s_id, s_ood = _id_ood_scores(scores)
+    lo, hi = float(min(s_id.min(), s_ood.min())), float(max(s_id.max(), s_ood.max()))
+    bins = {"start": lo, "end": hi + 1e-9 * max(1.0, abs(hi)), "size": (hi - lo) / nbins or 1.0}
+    fig = go.Figure()
+    for values, ood in ((s_id, False), (s_ood, True)):
+        fig.add_histogram(x=values, name=_group_name(scores, ood), xbins=bins, histnorm="probability",
+                          marker={"color": COLORS["ood" if ood else "id"]}, opacity=0.6)
+    fig.add_vline(x=threshold, line={"color": COLORS["selected"], "width": 2}, name="threshold")
+    tpr, fpr = detection_rates(scores, threshold)
+    fig.update_layout(title={"text": title or detection_title(threshold, tpr, fpr)}, template=TEMPLATE,
+                      barmode="overlay", xaxis_title="score (higher = more in-distribution)",
+                      yaxis_title="fraction of group")
+    return fig
+
+
+# --------------------------------------------------------------------------- output
+def save_html(fig: go.Figure, path: str | Path) -> Path:
+    """Write a standalone HTML file with plotly.js inlined (about 5 MB; opens offline).
+
+    Args:
+        fig: The figure (a ``FigureWidget`` works too).
+        path: Target file; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs=True, include_mathjax=False, full_html=True)
+    return path
+
+
+def _summary_text(fig: go.Figure) -> str:
+    """A one-line text stand-in for a figure (what plain-text viewers and diffs show)."""
+    names = ", ".join(str(t.name) for t in fig.data if t.name)
+    return f"<plotly figure {fig.layout.title.text or ''!r}; traces: {names}>"
+
+
+def static_bundle(fig: go.Figure, *, html: bool = False) -> dict[str, Any]:
+    """The display data :func:`show_static` emits.
+
+    Args:
+        fig: The figure (a ``FigureWidget`` is converted to a plain figure).
+        html: Also include a self-contained ``text/html`` rendering (plotly.js inlined, ~5 MB).
+
+    Returns:
+        A mimebundle: the plotly JSON, a ``text/plain`` summary and optionally ``text/html``.
+    """
+    fig = go.Figure(fig)
+    bundle: dict[str, Any] = {PLOTLY_MIMETYPE: fig.to_plotly_json(), "text/plain": _summary_text(fig)}
+    if html:
+        bundle["text/html"] = fig.to_html(full_html=False, include_plotlyjs=True, include_mathjax=False)
+    return bundle
+
+
+def show_static(fig: go.Figure, *, html: bool = False) -> None:
+    """Display a figure as saved, static output that survives headless (papermill/nbclient) runs.
+
+    A ``FigureWidget`` in an executed notebook is only a reference to widget state that was never
+    saved, so it shows up blank later. This emits the figure itself instead, as the plotly
+    mimetype (``application/vnd.plotly.v1+json``): JupyterLab renders it from the saved notebook
+    with the bundled ``jupyterlab-plotly`` extension, offline and even for untrusted notebooks, and
+    it costs only the figure's JSON. A ``text/plain`` summary keeps plain-text viewers readable. No
+    CDN is referenced (plotly's ``notebook_connected``/``cdn`` renderers need internet).
+    ``nbconvert --to html`` ignores the plotly mimetype (jupyter/nbconvert#2235); pass
+    ``html=True`` for such reports, or write a file with :func:`save_html`.
+
+    Args:
+        fig: The figure.
+        html: Also embed a self-contained HTML rendering (plotly.js inlined, ~5 MB per figure).
+    """
+    from IPython.display import display
+
+    display(static_bundle(fig, html=html), raw=True)
+
+
+def image_grid(dataset: Any, splits: Iterable[str], *, n: int = 12, scale: int = 3) -> go.Figure:
+    """A mosaic of the first ``n`` images of each split (one row per split), for a first look."""
+    from .data.pipeline import decode_split
+
+    rows = []
+    for split in splits:
+        images = decode_split(dataset.split(split), _grid_size(dataset, split))[:n]
+        rows.append(np.concatenate(list(images.permute(0, 2, 3, 1).numpy()), axis=1))
+    width = max(r.shape[1] for r in rows)
+    mosaic = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
+    mosaic = np.kron(mosaic, np.ones((scale, scale, 1), dtype=np.uint8))
+    fig = go.Figure(go.Image(z=mosaic))
+    fig.update_layout(title=" / ".join(f"row {i + 1}: {s}" for i, s in enumerate(splits)),
+                      xaxis_visible=False, yaxis_visible=False, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def _grid_size(dataset: Any, split: str) -> int:
+    images = dataset.split(split).images
+    return int(images.array.shape[1]) if hasattr(images, "array") else 96
+
+
+def metrics_bar(result: Any, *, metric: str | None = None) -> go.Figure:
+    """A bar per evaluation split of a run's headline metric, coloured by role (ID vs OOD)."""
+    table = result.table()
+    metric = metric or ("macro_f1" if "macro_f1" in table.columns else table.columns[0])
+    fig = go.Figure(go.Bar(x=list(table.index), y=table[metric].tolist(), text=[f"{v:.3f}" for v in table[metric]]))
+    fig.update_layout(title=f"{result.method} on {result.dataset}: {metric}", yaxis_range=[0, 1],
+                      yaxis_title=metric, xaxis_title="split")
+    return fig
