@@ -199,3 +199,43 @@ def ensure_baselines(session: Session, baselines: tuple[str, ...] = ("zeroshot",
             log.info("no %s results for %s yet: running it", method, session.dataset)
             session.run(method)
     return session.results(dataset=session.dataset)
+
+
+def drm_beta_fn(result, session: Session, *, id_split: str = "id_test", ood_split: str = "test"):
+    """A callable ``beta -> (id, ood)`` mixing cached logits of a DRM run: one image-encoder pass per
+    split up front, then every slider move is a softmax mix and a metric (milliseconds)."""
+    from .data.pipeline import ImageSpec
+    from .methods.drm import dual_logits, head_logits
+
+    data, model = session.load_data(), result.classifier
+    spec = ImageSpec.of(result.clip)
+    cached = {s: head_logits(model, data, s, spec, device=session.device) for s in (id_split, ood_split)}
+    metric = data.headline_metric(id_split)
+
+    def values(beta: float) -> tuple[float, float]:
+        return tuple(data.compute_metrics(s, dual_logits(*cached[s], float(beta)).argmax(1).numpy())[metric]
+                     for s in (id_split, ood_split))
+    return values
+
+
+def croft_scores(result, session: Session, *, kind: str = "energy", id_split: str = "id_test",
+                 ood_split: str = "openset") -> pd.DataFrame:
+    """Per-example open-set detection scores of a CRoFT run (ID test vs held-out classes)."""
+    from .data.pipeline import ImageSpec
+    from .methods.croft import detection_scores
+
+    data = session.load_data()
+    return detection_scores(result.classifier, data.split(id_split), {ood_split: data.split(ood_split)},
+                            ImageSpec.of(result.clip), kinds=(kind,), device=session.device)
+
+
+def dps_sweep(result, session: Session, ratios, *, epochs: int = 1) -> pd.DataFrame:
+    """Train DPS once per mask ratio (short schedule), reusing the run's reference checkpoint."""
+    from .methods.dps import sweep_mask_ratios
+
+    for ratio in ratios:
+        check_unit_interval("mask_ratio", ratio)
+    overrides = {**session.overrides, "epochs": epochs}
+    return sweep_mask_ratios(list(ratios), dataset=session.load_data(), clip=session.load_model(),
+                             reference=result.extra.get("reference"), device=session.device, seed=session.seed,
+                             results_db=session.results_db, overrides=overrides, progress=session.progress)
