@@ -104,7 +104,7 @@ class WorldConfig:
     n_id_cameras: int = 8  # in-distribution cameras (train, id_val, id_test)
     n_ood_cameras: int = 4  # held-out cameras with novel scenes (val, test)
     n_home: int = 2  # home cameras per species
-    rho: float = 0.9  # prob. an ID photo is taken at one of the species' home cameras
+    rho: float = 0.95  # prob. an ID photo is taken at one of the species' home cameras
     ood_severity: float = 0.2  # 0..1: extra night, blur, darkness and tint at OOD cameras
     radius: tuple[float, float] = (6.5, 9.5)  # object radius range in pixels
     pattern_period: tuple[float, float] = (3.0, 6.0)  # coat pattern period range in pixels
