@@ -1,0 +1,771 @@
+"""CRoFT: feature adapters on a frozen CLIP, trained for shift robustness *and* open-set detection.
+
+Idea: keep CLIP frozen and learn three ``d x d`` matrices, all initialised to the identity: an
+image adapter ``W_I``, a text adapter ``W_T`` and a feature generator ``G``. Adapted features are
+residual mixes, ``z = normalize(r_I v W_I^T + (1 - r_I) v)`` for an image feature ``v`` and
+``u_k = normalize(r_T t_k W_T^T + (1 - r_T) t_k)`` for a class embedding ``t_k``; the logits are
+``s <z, u_k>`` with CLIP's frozen logit scale ``s``. Because every matrix starts as the identity
+the model starts as zero-shot CLIP. The objective is
+
+    L = CE(s z U^T, y) + L_1 + lambda2 * L_e,
+
+* ``L_1`` (the "worst-case covariate feature" term): the generator makes shifted features
+  ``z^c = normalize(z + z G)``. First ``gen_steps`` inner steps move ``G`` to *minimise*
+  ``CE(s z^c U^T, y) + lambda1 * mean_ij [y_i = y_j] <z^c_i, z_j>`` (stay classifiable, move away
+  from same-class features); then the main loss adds ``CE(s zhat^c U^T, y) - lambda1 *
+  mean_ij [y_i = y_j] <z^c_i, vt_j>``, pulling the shifted features back towards the same-class
+  zero-shot features ``vt = normalize(v)``.
+* ``L_e`` (the energy-gradient regulariser): the squared gradient of an energy-like potential
+  with respect to the adapter matrices, computed by double back-propagation
+  (``create_graph=True``): a perturbation ``Delta`` (all entries ``delta_init``) is added to the
+  adapters, the potential ``Phi(Delta)`` is evaluated on the batch's zero-shot and generated
+  features, ``g = dPhi/dDelta``, and ``L_e = mean(g^2)``. The paper links small energy
+  gradients to consistent loss Hessians across domains (shift robustness) and to better energy
+  scores for unseen classes.
+
+Inference: logits ``s <z, u_k>``; open-set score ``energy = T * logsumexp(logits / T)`` with T = 1
+on the scaled logits (larger = more in-distribution), or ``knn`` = minus the squared L2 distance
+from the normalised adapted feature to its k-th nearest normalised adapted *training* feature.
+
+Modes. ``mode="faithful"`` reproduces the released code (LinLLLL/CRoFT, ``trainers/CRoFT.py``),
+including its inconsistent use of the adapters (spec 2.7 items 1 and 4): the potential applies
+``a (W_I + Delta)`` (no transpose) to the *normalised* zero-shot features, and to the already
+adapted generated features (the adapter applied twice); ``zhat^c = r_I z^c + (1 - r_I) z^c W_I``
+(mixing ratio swapped, no transpose, no renormalisation); the inner generator steps also update
+``W_I`` and ``W_T`` (the released helper steps every optimiser) and the main loss also updates
+``G``; the cross-entropy and ``z^c`` use the features computed *before* the inner steps.
+``mode="consistent"`` uses one adapter function everywhere: the potential perturbs exactly the
+forward map (``v (W_I + Delta)^T``), generated points are ``normalize(a + a G)`` of the perturbed
+adapted features, ``zhat^c = z^c``, the inner steps update only ``G`` and the main loss only the
+adapters (a clean min-max). Both modes agree at initialisation. Further open choices are
+independent knobs: ``energy_form`` (``code``: ``sum exp(cos)`` without logit scale or log, as
+released; ``logsumexp``: the real energy), ``shared_delta`` (one ``Delta`` for both adapters, so
+the penalty is on the *sum* of their gradients, as released), ``edr_reduction`` (``setup1``:
+``Phi`` summed, ``mean(g^2)``; ``setup2``: ``Phi`` averaged, ``sum(g^2)``).
+
+Differences from the released trainer, by necessity: the shared loop (:func:`rftlib.train.fit`)
+owns the one optimiser step per batch (AdamW, warmup + cosine per step), so the inner generator
+steps are plain SGD steps of size ``gen_lr`` times the loop's schedule factor (the release used
+its SGD optimisers with momentum and weight decay there); no augmentation (the release used
+random-resized-crop + flip).
+
+Cached features: the CLIP is frozen and the loop does not augment, so the training split's
+image features are computed once and looked up by ``Batch.indices`` (exact only without
+augmentation; ``cache_features=False`` recomputes them from the batch images). Evaluation also
+memoises the frozen tower's outputs per input batch (keyed by a hash of the pixels, CPU only), so
+per-epoch validation, the final evaluation and the detection pass encode each split once. Every
+training op is tiny (a few ``d x d`` matrices), so training runs with one intra-op CPU thread
+(``cpu_threads``): extra threads only add synchronisation, which costs a lot on a busy machine.
+Under DDP the (frozen) features and labels are gathered and every rank computes the loss of the
+whole global micro-batch, so training is exactly that of one process.
+
+Checkpoints: the loop's checkpoints hold the three matrices (``croft.image_adapter``,
+``croft.text_adapter``, ``croft.generator``); a run also writes ``classifier.safetensors``, a plain
+CLIP + head checkpoint (the image adapter folded into ``visual.proj``) that
+:func:`rftlib.models.load_classifier` loads (:func:`export_classifier`).
+
+Knobs: see :class:`Config`. Detection: ``scores`` computed on every ``openset`` split of the
+dataset (synthwild: held-out species) and on an optional external dataset ``open_set``
+(``"name"`` or ``"name:root"`` of :func:`rftlib.data.get_dataset`, e.g. ``"folder:/data/dtd"``)
+against the ID reference split ``detection_id_split``; metrics (AUROC, FPR@95 %TPR, AUPR-In/Out,
+:func:`rftlib.metrics.ood_detection_metrics`) are logged with ``role="openset"`` as
+``<score>_<metric>`` (e.g. ``energy_auroc``).
+
+Paper: Zhu, Yang, Gu, Wang, Zhou, Ye, "Robust Fine-Tuning with Concurrent Optimization for OOD
+Generalization and Open-Set OOD Detection", ICML 2024 (arXiv 2405.16417). Presets: ``imagenet``
+is Setup-I (ViT-B/16, lr 0.002, wd 0.1, batch 32, 30 epochs, lambda1 1, lambda2 5, 7-template
+ensemble; the paper's optimiser is SGD with momentum, this loop uses AdamW), ``domains`` the
+selected Setup-II PACS setting (lambda1 5, lambda2 1000, ratios 0.5 / 0.0, setup2 reductions);
+``iwildcam`` / ``fmow`` are not from the paper; ``synthwild`` is a CPU recipe of about two minutes
+(the paper's batch 32 and 30 epochs, lr chosen on ID val).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist as rdist
+from ..data.base import RFTDataset, Split
+from ..data.pipeline import ImageSpec, decode_split
+from ..evaluate import run_model
+from ..metrics import ood_detection_metrics
+from ..models import ClipModel, class_prompts, encode_class_prompts, save_checkpoint
+from ..schedule import lr_at
+from ..train import TrainConfig, fit
+from .base import Batch, Task
+from .common import RunContext, RunResult, metrics_of
+
+log = logging.getLogger(__name__)
+
+NAME = "croft"
+MODES = ("faithful", "consistent")
+SCORES = ("energy", "knn", "msp")
+ENERGY_FORMS = ("code", "logsumexp")
+EDR_REDUCTIONS = ("setup1", "setup2")
+ID_REFERENCES = ("all", "correct")
+CHECKPOINT_KEYS = ("croft.image_adapter", "croft.text_adapter", "croft.generator")
+
+#: The 7-template ensemble the released code uses for ImageNet-based datasets.
+IMAGENET_TEMPLATES = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=30, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=200))
+    mode: str = "faithful"           # "faithful" (released code's adapter usage) | "consistent"
+    lambda1: float = 1.0             # weight of the generated-feature (dis)alignment terms
+    lambda2: float = 5.0             # weight of the energy-gradient penalty L_e
+    ratio_image: float = 0.2         # r_I: share of the adapted image feature in the residual mix
+    ratio_text: float = 0.5          # r_T: share of the adapted text feature
+    generator: bool = True           # use the feature generator and L_1 (the release's WCCF switch)
+    gen_steps: int = 1               # inner generator steps per batch (0: G is not trained adversarially)
+    gen_lr: float = 2e-3             # inner SGD step size (peak; follows the loop's schedule shape)
+    gen_updates_adapters: bool | None = None   # inner steps also move W_I, W_T (None: faithful only)
+    main_updates_generator: bool | None = None  # the main loss also moves G (None: faithful only)
+    shared_delta: bool = True        # one perturbation for both adapters (penalty on the gradient sum)
+    delta_init: float = 1e-4         # value of every entry of the perturbation Delta
+    energy_form: str = "code"        # "code": sum exp(cos) | "logsumexp": T*logsumexp(s*cos/T)
+    edr_reduction: str = "setup1"    # "setup1": Phi summed, mean(g^2) | "setup2": Phi averaged, sum(g^2)
+    templates: tuple[str, ...] | None = None  # class prompt templates; None = the dataset's
+    text_ensemble: bool = True       # normalised template ensemble (True) or the first template, raw
+    cache_features: bool = True     # look train features up by Batch.indices (exact without augmentation)
+    memo_eval_features: bool = True  # memoise frozen-tower outputs per evaluation batch (CPU)
+    scores: tuple[str, ...] = ("energy", "knn")  # further detection scores to compute: energy | knn | msp
+    score: str = "energy"            # the headline detection score (always computed, listed first)
+    energy_temperature: float = 1.0  # T of the energy score on the scaled logits
+    knn_k: int = 10                  # k of the k-th nearest neighbour
+    knn_bank_per_class: int | None = None  # cap of bank features per class (None: all train features)
+    detection_id_split: str = "id_test"  # the in-distribution reference split for detection
+    id_reference: str = "all"        # "all" ID samples, or only correctly classified ones (paper)
+    open_set: str | None = None      # extra OOD dataset "name" or "name:root" (e.g. "folder:/data/dtd")
+    open_set_split: str | None = None  # its split to use (None: every split)
+    export_classifier: bool = True   # write <out_dir>/classifier.safetensors (plain CLIP + head)
+    cpu_threads: int | None = 1      # intra-op CPU threads while training (tiny ops; None: leave torch's)
+
+
+PRESETS = {
+    # CPU, about two minutes: the paper's batch and epochs, lr/gen_lr chosen on id_val macro-F1
+    "synthwild": {"epochs": 30, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1, "warmup_steps": 20,
+                  "gen_lr": 3e-3},
+    "imagenet": {"epochs": 30, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 200,
+                 "select_split": None, "eval_splits": [], "templates": list(IMAGENET_TEMPLATES)},
+    "domains": {"epochs": 30, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20,
+                "lambda1": 5.0, "lambda2": 1000.0, "ratio_image": 0.5, "ratio_text": 0.0,
+                "edr_reduction": "setup2", "text_ensemble": False, "templates": ["a photo of a {}."]},
+    # not from the paper: Setup-I hyper-parameters with a batch and epoch budget for the large WILDS sets
+    "iwildcam": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 500,
+                 "gen_lr": 1e-3, "knn_bank_per_class": 500},
+    "fmow": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 500,
+             "gen_lr": 1e-3, "knn_bank_per_class": 500},
+}
+
+
+def resolve_mode(cfg: Config) -> Config:
+    """Fill the mode-dependent knobs left at ``None`` and validate every choice."""
+    _check_choice("mode", cfg.mode, MODES)
+    _check_choice("energy_form", cfg.energy_form, ENERGY_FORMS)
+    _check_choice("edr_reduction", cfg.edr_reduction, EDR_REDUCTIONS)
+    _check_choice("id_reference", cfg.id_reference, ID_REFERENCES)
+    for kind in (*cfg.scores, cfg.score):
+        _check_choice("score", kind, SCORES)
+    if cfg.gen_steps < 0 or cfg.knn_k < 1:
+        raise ValueError(f"gen_steps must be >= 0 and knn_k >= 1, got {cfg.gen_steps} and {cfg.knn_k}")
+    faithful = cfg.mode == "faithful"
+    return replace(
+        cfg,
+        gen_updates_adapters=faithful if cfg.gen_updates_adapters is None else cfg.gen_updates_adapters,
+        main_updates_generator=faithful if cfg.main_updates_generator is None else cfg.main_updates_generator)
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the feature maps
+# --------------------------------------------------------------------------------------------------
+def adapt(x: torch.Tensor, weight: torch.Tensor, ratio: float, transpose: bool = True) -> torch.Tensor:
+    """``normalize(ratio * x W^T + (1 - ratio) * x)`` (``x W`` with ``transpose=False``).
+
+    Scale-invariant in each row of ``x``, so raw and normalised CLIP features give the same output.
+    """
+    mapped = F.linear(x, weight) if transpose else x @ weight
+    return F.normalize(ratio * mapped + (1.0 - ratio) * x, dim=-1)
+
+
+def generate(z: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
+    """Shifted features ``normalize(z + z G)`` (``G`` starts as the identity, so ``z^c = z``)."""
+    return F.normalize(z + z @ generator, dim=-1)
+
+
+def same_label_mean(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``mean_ij [y_i = y_j] <a_i, b_j>`` over all ``B x B`` pairs (zeros included), as released."""
+    same = (labels[:, None] == labels[None, :]).to(a.dtype)
+    return (same * (a @ b.T)).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# the energy-gradient regulariser
+# --------------------------------------------------------------------------------------------------
+def energy_potential(cos: torch.Tensor, *, form: str = "code", reduction: str = "setup1",
+                     logit_scale: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    """The scalar whose gradient the penalty measures, from cosines ``cos`` (points x classes).
+
+    ``code``: ``exp(cos)`` summed (``setup1``) or averaged (``setup2``) over all entries, the
+    released form (no logit scale, no log). ``logsumexp``: the per-point energy score
+    ``T * logsumexp(s * cos / T)`` summed or averaged over points.
+    """
+    if form == "code":
+        values = cos.exp()
+    elif form == "logsumexp":
+        values = temperature * torch.logsumexp(logit_scale * cos / temperature, dim=1)
+    else:
+        raise ValueError(f"unknown energy_form {form!r}; valid: {', '.join(ENERGY_FORMS)}")
+    return values.sum() if reduction == "setup1" else values.mean()
+
+
+def energy_gradients(image_fn: Callable[[torch.Tensor], torch.Tensor], text_fn: Callable[[torch.Tensor], torch.Tensor],
+                     like: torch.Tensor, *, shared_delta: bool = True, delta_init: float = 1e-4,
+                     create_graph: bool = True, **potential) -> list[torch.Tensor]:
+    """``dPhi/dDelta`` for perturbations of the adapters (one shared ``Delta`` or one per adapter).
+
+    Args:
+        image_fn: ``Delta_I -> (N, d)`` normalised image points computed with ``W_I + Delta_I``.
+        text_fn: ``Delta_T -> (K, d)`` normalised class embeddings computed with ``W_T + Delta_T``.
+        like: a ``d x d`` tensor giving the perturbation's shape, dtype and device.
+        shared_delta: one ``Delta`` for both (its gradient is the sum of the two).
+        delta_init: value of every perturbation entry.
+        create_graph: keep the graph so that a penalty on the gradients can be back-propagated.
+        **potential: options of :func:`energy_potential`.
+    """
+    delta_image = torch.full_like(like, delta_init).requires_grad_(True)
+    delta_text = delta_image if shared_delta else torch.full_like(like, delta_init).requires_grad_(True)
+    cos = image_fn(delta_image) @ text_fn(delta_text).T
+    phi = energy_potential(cos, **potential)
+    inputs = [delta_image] if shared_delta else [delta_image, delta_text]
+    return list(torch.autograd.grad(phi, inputs, create_graph=create_graph))
+
+
+def energy_gradient_penalty(image_fn, text_fn, like: torch.Tensor, *, reduction: str = "setup1",
+                            **options) -> torch.Tensor:
+    """``L_e``: ``mean(g^2)`` (``setup1``) or ``sum(g^2)`` (``setup2``) of :func:`energy_gradients`.
+
+    Differentiable with respect to everything ``image_fn`` / ``text_fn`` close over (double
+    back-propagation), which is how the adapters are trained to flatten the energy landscape.
+    """
+    squares = torch.cat([g.pow(2).flatten() for g in energy_gradients(image_fn, text_fn, like,
+                                                                       reduction=reduction, **options)])
+    return squares.mean() if reduction == "setup1" else squares.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# detection scores
+# --------------------------------------------------------------------------------------------------
+def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T * logsumexp(logits / T)`` per row (minus the free energy; larger = more in-distribution)."""
+    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+
+
+def msp_score(logits: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability per row."""
+    return logits.float().softmax(dim=1).max(dim=1).values
+
+
+def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int = 10, chunk: int = 2048) -> torch.Tensor:
+    """Minus the squared L2 distance from each normalised feature to its k-th nearest bank feature.
+
+    Both sides are L2-normalised, so the squared distance is ``2 - 2 cos``. A query that is in the
+    bank has distance 0 to itself (its k = 1 score is 0).
+
+    Raises:
+        ValueError: the bank has fewer than ``k`` features.
+    """
+    if len(bank) < k:
+        raise ValueError(f"the KNN bank has {len(bank)} features, fewer than k={k}; lower knn_k")
+    q, b = F.normalize(features.float(), dim=-1), F.normalize(bank.float(), dim=-1)
+    out = []
+    for start in range(0, len(q), chunk):
+        d2 = (2.0 - 2.0 * q[start:start + chunk] @ b.T).clamp_min(0.0)
+        out.append(-d2.topk(k, dim=1, largest=False).values[:, -1])
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def scores_from(kind: str, logits: torch.Tensor, features: torch.Tensor, *, bank: torch.Tensor | None = None,
+                k: int = 10, temperature: float = 1.0) -> torch.Tensor:
+    """One detection score per example from logits and (normalised adapted) features."""
+    if kind == "energy":
+        return energy_score(logits, temperature)
+    if kind == "msp":
+        return msp_score(logits)
+    if kind == "knn":
+        if bank is None:
+            raise ValueError("the knn score needs a feature bank (normalised adapted ID training features): "
+                             "pass bank=knn_bank(...) or use a classifier from a run whose scores include knn")
+        return knn_score(features, bank, k)
+    raise ValueError(f"unknown score {kind!r}; valid: {', '.join(SCORES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the classifier and the frozen-tower memo
+# --------------------------------------------------------------------------------------------------
+class FrozenTowerMemo(nn.Module):
+    """A frozen module whose outputs are memoised per input batch (CPU, no-grad calls only).
+
+    The key is the batch's shape, dtype and a BLAKE2 hash of its bytes, so a hit returns exactly
+    what the tower would compute -- as long as the tower is never modified (CRoFT never trains it).
+    """
+
+    def __init__(self, tower: nn.Module, max_rows: int = 2_000_000):
+        super().__init__()
+        self.tower, self.max_rows = tower, max_rows
+        self._memo: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return self.tower(x)
+        x = x.contiguous()
+        key = (tuple(x.shape), str(x.dtype), hashlib.blake2b(x.numpy().data, digest_size=20).hexdigest())
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key].clone()
+        out = self.tower(x)
+        self._memo[key] = out.detach().clone()
+        self._rows += len(out)
+        while self._rows > self.max_rows and self._memo:
+            self._rows -= len(self._memo.popitem(last=False)[1])
+        return out
+
+
+class CroftClassifier(nn.Module):
+    """Frozen image tower + CRoFT adapters: ``logits = s * normalize(v A^T) @ U^T``.
+
+    ``A = r_I W_I + (1 - r_I) I`` folds the image adapter's residual mix into one matrix and ``U``
+    holds the adapted, normalised class embeddings, both frozen copies taken when the classifier
+    was built. A run also attaches its KNN ``bank`` (normalised adapted training features) and
+    ``knn_k``, so that :func:`detection_scores` can compute the ``knn`` score from the classifier
+    alone.
+    """
+
+    def __init__(self, visual: nn.Module, image_map: torch.Tensor, class_embeddings: torch.Tensor,
+                 logit_scale: float):
+        super().__init__()
+        self.visual, self.logit_scale = visual, float(logit_scale)
+        self.register_buffer("image_map", image_map.detach().clone())
+        self.register_buffer("class_embeddings", class_embeddings.detach().clone())
+        self.bank: torch.Tensor | None = None
+        self.knn_k = 10
+
+    def adapt_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Normalised adapted features from raw CLIP image features."""
+        return F.normalize(F.linear(raw.float(), self.image_map), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * features @ self.class_embeddings.T
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapt_features(self.visual(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(images))
+
+
+class _Features(nn.Module):
+    """``images -> normalised adapted features`` of a :class:`CroftClassifier` (for run_model)."""
+
+    def __init__(self, classifier: CroftClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+# --------------------------------------------------------------------------------------------------
+# the task
+# --------------------------------------------------------------------------------------------------
+def class_text_features(clip: ClipModel, classnames: Sequence[str], templates: Sequence[str],
+                        ensemble: bool = True) -> torch.Tensor:
+    """Class embeddings ``t_k``: the normalised template ensemble, or the first template's raw feature."""
+    if ensemble:
+        return encode_class_prompts(clip, class_prompts(classnames, templates))
+    with torch.no_grad():
+        tokens = clip.tokenizer([templates[0].format(c) for c in classnames]).to(clip.device)
+        return clip.model.encode_text(tokens).float()
+
+
+class CroftTask(Task):
+    """The three CRoFT matrices and their objective; the CLIP stays frozen.
+
+    Args:
+        clip: the frozen CLIP (only its image tower is run, and only without a feature cache).
+        text_features: class embeddings ``t_k`` (K x d), from :func:`class_text_features`.
+        cfg: the (mode-resolved) config.
+        train_features: raw CLIP image features of the whole train split, indexed by
+            ``Batch.indices``; ``None`` computes them from the batch images.
+        gen_lr_at: step -> inner generator step size (default: constant ``cfg.gen_lr``).
+    """
+
+    method_name = NAME
+    ddp_find_unused = True  # G gets no main-loss gradient in consistent mode
+
+    def __init__(self, clip: ClipModel, text_features: torch.Tensor, cfg: Config,
+                 train_features: torch.Tensor | None = None, gen_lr_at: Callable[[int], float] | None = None):
+        super().__init__()
+        cfg = resolve_mode(cfg)
+        self.clip, self.cfg, self.method_config = clip, cfg, cfg
+        dim = text_features.shape[1]
+        self.image_adapter = nn.Parameter(torch.eye(dim, device=text_features.device))
+        self.text_adapter = nn.Parameter(torch.eye(dim, device=text_features.device))
+        self.generator = nn.Parameter(torch.eye(dim, device=text_features.device))
+        self.register_buffer("text_features", text_features.detach().float().clone())
+        self.logit_scale = float(clip.logit_scale().detach())
+        self.train_features = train_features
+        self.gen_lr_at = gen_lr_at or (lambda step: cfg.gen_lr)
+        # not a registered submodule: the frozen tower is no part of the task's state (nor of DDP's)
+        object.__setattr__(self, "_eval_visual", FrozenTowerMemo(clip.visual) if cfg.memo_eval_features
+                           else clip.visual)
+
+    # ---- batch features ------------------------------------------------------------------------
+    def batch_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw frozen image features and labels of the global micro-batch (gathered under DDP)."""
+        device = self.image_adapter.device
+        if self.train_features is not None:
+            v = self.train_features[batch.indices.to(self.train_features.device)].to(device).float()
+        else:
+            with torch.no_grad():
+                v = self.clip.visual(batch.images).float()
+        return rdist.all_gather_with_grad(v.contiguous()), rdist.all_gather_with_grad(batch.labels)
+
+    # ---- the objective -------------------------------------------------------------------------
+    def forward_features(self, v: torch.Tensor, image_adapter: torch.Tensor | None = None,
+                         text_adapter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapted image features ``z`` and class embeddings ``u`` (both normalised)."""
+        w_i = self.image_adapter if image_adapter is None else image_adapter
+        w_t = self.text_adapter if text_adapter is None else text_adapter
+        return adapt(v, w_i, self.cfg.ratio_image), adapt(self.text_features, w_t, self.cfg.ratio_text)
+
+    def logits(self, v: torch.Tensor) -> torch.Tensor:
+        z, u = self.forward_features(v)
+        return self.logit_scale * z @ u.T
+
+    def generator_steps(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+        """The inner loop: SGD steps on ``CE(s z^c U^T) + lambda1 * mean [y_i=y_j] <z^c_i, z_j>``."""
+        cfg = self.cfg
+        params = [self.generator]
+        if cfg.gen_updates_adapters:
+            params += [self.image_adapter, self.text_adapter]
+        else:
+            z, u = z.detach(), u.detach()
+        lr = self.gen_lr_at(step)
+        for _ in range(cfg.gen_steps):
+            zc = generate(z, self.generator)
+            loss = F.cross_entropy(self.logit_scale * zc @ u.T, labels) + cfg.lambda1 * same_label_mean(zc, z, labels)
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(lr * g)
+
+    def generated_terms(self, z: torch.Tensor, u: torch.Tensor, v_zs: torch.Tensor, labels: torch.Tensor,
+                        generator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L_1`` and the generated features ``z^c`` (after the inner steps)."""
+        cfg = self.cfg
+        zc = generate(z, generator)
+        if cfg.gen_steps == 0:
+            return F.cross_entropy(self.logit_scale * zc @ u.T, labels), zc
+        if cfg.mode == "faithful":
+            zc_hat = cfg.ratio_image * zc + (1.0 - cfg.ratio_image) * (zc @ self.image_adapter)
+        else:
+            zc_hat = zc
+        ce = F.cross_entropy(self.logit_scale * zc_hat @ u.T, labels)
+        return ce - cfg.lambda1 * same_label_mean(zc, v_zs, labels), zc
+
+    def energy_penalty(self, v_zs: torch.Tensor, zc: torch.Tensor | None, generator: torch.Tensor) -> torch.Tensor:
+        """``L_e`` on the zero-shot points (and the generated ones when the generator path is on)."""
+        cfg = self.cfg
+        t_zs = F.normalize(self.text_features, dim=-1)
+        with_generated = zc is not None
+        if cfg.mode == "faithful":
+            points = torch.cat([v_zs, zc]) if with_generated else v_zs
+
+            def image_fn(delta):
+                return adapt(points, self.image_adapter + delta, cfg.ratio_image, transpose=False)
+
+            def text_fn(delta):
+                return adapt(t_zs, self.text_adapter + delta, cfg.ratio_text, transpose=False)
+        else:
+            def image_fn(delta):
+                a = adapt(v_zs, self.image_adapter + delta, cfg.ratio_image)
+                return torch.cat([a, generate(a, generator)]) if with_generated else a
+
+            def text_fn(delta):
+                return adapt(t_zs, self.text_adapter + delta, cfg.ratio_text)
+
+        return energy_gradient_penalty(
+            image_fn, text_fn, self.image_adapter, reduction=cfg.edr_reduction, shared_delta=cfg.shared_delta,
+            delta_init=cfg.delta_init, form=cfg.energy_form, logit_scale=self.logit_scale,
+            temperature=cfg.energy_temperature)
+
+    def objective(self, v: torch.Tensor, labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """The full CRoFT loss on raw image features ``v`` (runs the inner generator steps first)."""
+        cfg = self.cfg
+        v_zs = F.normalize(v, dim=-1)
+        # features from the parameters *before* the inner steps (the release's forward pass)
+        z, u = self.forward_features(v, self.image_adapter.clone(), self.text_adapter.clone())
+        logits = self.logit_scale * z @ u.T
+        use_generated = cfg.generator and cfg.gen_steps > 0
+        if use_generated:
+            self.generator_steps(z, u, labels, step)
+        generator = self.generator if cfg.main_updates_generator else self.generator.detach()
+        ce = F.cross_entropy(logits, labels)
+        out = {"ce": ce, "acc": (logits.argmax(1) == labels).float().mean()}
+        loss = ce
+        zc = None
+        if cfg.generator:
+            l1, zc = self.generated_terms(z, u, v_zs, labels, generator)
+            loss = loss + l1
+            out["l1"] = l1
+        penalty = self.energy_penalty(v_zs, zc if use_generated else None, generator)
+        out.update(loss=loss + cfg.lambda2 * penalty, energy_penalty=penalty)
+        return out
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        v, labels = self.batch_features(batch)
+        with torch.autocast(v.device.type, enabled=False):  # tiny ops; the penalty wants fp32
+            return self.objective(v.float(), labels, batch.step)
+
+    # ---- evaluation and checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def classifier(self) -> CroftClassifier:
+        ratio = self.cfg.ratio_image
+        eye = torch.eye(self.image_adapter.shape[0], device=self.image_adapter.device)
+        image_map = ratio * self.image_adapter + (1.0 - ratio) * eye
+        u = adapt(self.text_features, self.text_adapter, self.cfg.ratio_text)
+        return CroftClassifier(self._eval_visual, image_map, u, self.logit_scale)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(CHECKPOINT_KEYS, (self.image_adapter, self.text_adapter, self.generator)))
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"not a CRoFT checkpoint: missing {', '.join(missing)}")
+        with torch.no_grad():
+            for key, p in zip(CHECKPOINT_KEYS, (self.image_adapter, self.text_adapter, self.generator)):
+                p.copy_(state[key])
+
+
+def export_classifier(clip: ClipModel, classifier: CroftClassifier, path: str | Path, *,
+                      classnames: Sequence[str] | None = None, method_config=None) -> Path:
+    """Write a CRoFT classifier as a plain rftlib checkpoint (loads with ``load_classifier``).
+
+    The image adapter is folded into the image tower's output projection
+    (``proj' = proj A^T``) and the head is ``s * U`` over normalised features, so the stock CLIP +
+    :class:`~rftlib.models.ZeroShotHead` computes exactly the CRoFT logits.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in clip.model.state_dict().items()}
+    if "visual.proj" not in state:
+        raise ValueError(f"{clip.name} has no visual.proj to fold the image adapter into; cannot export")
+    state["visual.proj"] = state["visual.proj"] @ classifier.image_map.detach().cpu().T
+    weight = (classifier.logit_scale * classifier.class_embeddings).detach().cpu()
+    state.update({"head.weight": weight, "head.bias": torch.zeros(len(weight))})
+    return save_checkpoint(path, state, clip=clip, classnames=list(classnames) if classnames else None,
+                           method=NAME, method_config=method_config)
+
+
+# --------------------------------------------------------------------------------------------------
+# detection
+# --------------------------------------------------------------------------------------------------
+def split_outputs(classifier: CroftClassifier, split: Split, spec: ImageSpec, *,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, normalised adapted features)`` of a split (one pass of the frozen tower)."""
+    images = decode_split(split, spec.size)
+    feats = run_model(_Features(classifier), images, spec, device=device)
+    with torch.no_grad():
+        return classifier.logits_from_features(feats.to(classifier.class_embeddings.device)).cpu(), feats
+
+
+def knn_bank(classifier: CroftClassifier, train_features: torch.Tensor, labels: np.ndarray,
+             per_class: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Normalised adapted training features (at most ``per_class`` per class, drawn at random)."""
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+        train_features = train_features[torch.as_tensor(np.sort(keep))]
+    with torch.no_grad():
+        return classifier.adapt_features(train_features.to(classifier.image_map.device)).cpu()
+
+
+def detection_scores(
+    classifier: CroftClassifier, id_split: Split, ood_splits: Mapping[str, Split], spec: ImageSpec, *,
+    kinds: Sequence[str] = ("energy",), bank: torch.Tensor | None = None, k: int | None = None,
+    temperature: float = 1.0,
+    id_reference: str = "all", device: torch.device | str | None = None,
+) -> pd.DataFrame:
+    """Per-example detection scores, e.g. for a threshold widget.
+
+    Args:
+        classifier: a :class:`CroftClassifier` (e.g. ``RunResult.classifier``).
+        id_split: the in-distribution reference split (e.g. ``dataset.split("id_test")``).
+        ood_splits: name -> open-set split (e.g. synthwild's ``openset``).
+        spec: the model's :class:`~rftlib.data.pipeline.ImageSpec`.
+        kinds: scores to compute (``energy``, ``knn``, ``msp``); larger = more in-distribution.
+        bank: normalised adapted ID training features for ``knn`` (see :func:`knn_bank`); default:
+            the bank a run attached to the classifier.
+        k: k of the KNN score (default: the classifier's ``knn_k``).
+        temperature: energy temperature.
+        id_reference: ``all`` ID examples or only the ``correct``ly classified ones (paper).
+
+    Returns:
+        A frame with columns ``score, is_ood, kind, split`` (one row per example and kind).
+    """
+    _check_choice("id_reference", id_reference, ID_REFERENCES)
+    bank = classifier.bank if bank is None else bank
+    k = classifier.knn_k if k is None else k
+    frames = []
+    for name, split, is_ood in [(id_split.name, id_split, False), *[(n, s, True) for n, s in ood_splits.items()]]:
+        logits, feats = split_outputs(classifier, split, spec, device=device)
+        keep = np.ones(len(split), bool)
+        if not is_ood and id_reference == "correct":
+            keep = logits.argmax(1).numpy() == split.labels
+        for kind in kinds:
+            values = scores_from(kind, logits, feats, bank=bank, k=k, temperature=temperature).numpy()[keep]
+            frames.append(pd.DataFrame({"score": values, "is_ood": is_ood, "kind": kind, "split": name}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def detection_metrics(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``{ood split: {"<kind>_auroc": ..., "<kind>_fpr95": ..., ...}}`` from :func:`detection_scores`."""
+    out: dict[str, dict[str, float]] = {}
+    ident = scores[~scores.is_ood]
+    for (split, kind), ood in scores[scores.is_ood].groupby(["split", "kind"], sort=False):
+        ref = ident[ident.kind == kind].score.to_numpy()
+        metrics = ood_detection_metrics(ref, ood.score.to_numpy())
+        out.setdefault(split, {}).update({f"{kind}_{m}": v for m, v in metrics.items()})
+    return out
+
+
+def load_open_set(spec: str) -> RFTDataset:
+    """An external open-set dataset from ``"name"`` or ``"name:root"`` (any rftlib dataset)."""
+    from ..data import get_dataset
+
+    name, sep, root = spec.partition(":")
+    if not name:
+        raise ValueError(f"open_set {spec!r} must be 'name' or 'name:root', e.g. 'folder:/data/dtd'")
+    return get_dataset(name, root=root if sep else None)
+
+
+def open_set_splits(ctx: RunContext, cfg: Config) -> dict[str, Split]:
+    """The dataset's ``openset`` splits plus the external ``open_set`` dataset's chosen splits."""
+    splits = {n: ctx.dataset.split(n) for n in ctx.dataset.split_names("openset")}
+    if cfg.open_set:
+        extra = load_open_set(cfg.open_set)
+        names = [cfg.open_set_split] if cfg.open_set_split else list(extra.splits)
+        splits.update({f"{extra.name}:{n}": extra.split(n) for n in names})
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+def train_image_features(ctx: RunContext) -> torch.Tensor:
+    """Raw frozen CLIP image features of the train split (eval transform), on the run's device."""
+    images = decode_split(ctx.dataset.split("train"), ctx.spec.size)
+    return run_model(ctx.clip.visual, images, ctx.spec, device=ctx.device, progress_mode=ctx.progress,
+                     desc="train features").to(ctx.device)
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op CPU threads inside the block (``None``: no change).
+
+    CRoFT trains a few ``d x d`` matrices on cached features: every op is tiny, so extra threads
+    only add synchronisation (on a busy machine each op can wait for a scheduler time slice).
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gen_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """``gen_lr`` times the main loop's schedule factor at each step."""
+    t = cfg.train
+    if t.lr <= 0:
+        return lambda step: 0.0
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = min(t.warmup_steps, total)
+    return lambda step: cfg.gen_lr * lr_at(step, base=t.lr, warmup=warmup, total=total, min_lr=t.min_lr,
+                                           mode=t.min_lr_mode) / t.lr
+
+
+def run_detection(ctx: RunContext, cfg: Config, classifier: CroftClassifier,
+                  epoch: int | None = None) -> dict[str, dict[str, float]]:
+    """Score every open-set split against the ID reference split and log the metrics.
+
+    The ``knn`` score uses the bank attached to ``classifier`` (see :func:`knn_bank`).
+    """
+    ood = open_set_splits(ctx, cfg)
+    if not ood:
+        log.info("no open-set split in %s and no open_set dataset given: skipping detection", ctx.dataset.name)
+        return {}
+    kinds = list(dict.fromkeys((cfg.score, *cfg.scores)))
+    frame = detection_scores(classifier, ctx.dataset.split(cfg.detection_id_split), ood, ctx.spec,
+                             kinds=kinds, temperature=cfg.energy_temperature, id_reference=cfg.id_reference,
+                             device=ctx.device)
+    metrics = detection_metrics(frame)
+    for split, values in metrics.items():
+        ctx.log(split, "openset", values, epoch=epoch)
+    return metrics
+
+
+def run(ctx: RunContext, cfg: Config) -> RunResult:
+    cfg = resolve_mode(cfg)
+    templates = list(cfg.templates or ctx.dataset.templates)
+    for p in ctx.clip.model.parameters():
+        p.requires_grad_(False)
+    text = class_text_features(ctx.clip, ctx.dataset.classnames, templates, cfg.text_ensemble).to(ctx.device)
+    train_features = train_image_features(ctx)
+    steps_per_epoch = len(ctx.dataset.split("train")) // cfg.train.batch_size
+    task = CroftTask(ctx.clip, text, cfg, train_features if cfg.cache_features else None,
+                     _gen_schedule(cfg, steps_per_epoch))
+    with cpu_threads(cfg.cpu_threads if ctx.device.type == "cpu" else None):
+        result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
+                     callbacks=[ctx.results_logger(), *ctx.callbacks], progress_mode=ctx.progress)
+    model = task.classifier()
+    model.knn_k = cfg.knn_k
+    if "knn" in (*cfg.scores, cfg.score):
+        model.bank = knn_bank(model, train_features, ctx.dataset.split("train").labels, cfg.knn_bank_per_class,
+                              cfg.train.seed)
+    metrics = metrics_of(ctx.evaluate_all(model, epoch=result.best_epoch))
+    metrics.update(run_detection(ctx, cfg, model, epoch=result.best_epoch))
+    checkpoint = None
+    if ctx.out_dir is not None and cfg.export_classifier and rdist.current().is_main:
+        checkpoint = export_classifier(ctx.clip, model, Path(ctx.out_dir) / "classifier.safetensors",
+                                       classnames=ctx.dataset.classnames, method_config=cfg)
+    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics, classifier=model, checkpoint=checkpoint,
+                     clip=ctx.clip, extra={"best_epoch": result.best_epoch, "history": result.history,
+                                           "training_checkpoint": result.best_checkpoint, "task": task,
+                                           "train_features": train_features})
