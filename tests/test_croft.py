@@ -283,7 +283,6 @@ if info.is_main:
 def test_ddp_two_processes_train_exactly_like_one(tmp_path):
     """Every rank computes the loss of the gathered global batch, so DDP changes nothing."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -296,13 +295,34 @@ def test_ddp_two_processes_train_exactly_like_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "single.safetensors"), "faithful"], env=env,
                    cwd=root, check=True, timeout=300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp.safetensors"), "faithful"], cwd=root,
-                              env={**env, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert _launch_two_ranks([sys.executable, str(script), str(tmp_path / "ddp.safetensors"), "faithful"], env, root)
     single, ddp = load_file(str(tmp_path / "single.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
     assert not torch.equal(single["croft.image_adapter"], torch.eye(len(single["croft.image_adapter"])))
     assert all(torch.allclose(single[k], ddp[k], atol=1e-6) for k in single)
+
+
+def _launch_two_ranks(command: list, env: dict, cwd, tries: int = 2) -> bool:
+    """Run ``command`` as two gloo ranks; retry once on a fresh port if the rendezvous fails.
+
+    On a shared machine another job can grab the "free" port between probing and binding.
+    """
+    import socket
+    import subprocess
+
+    for _ in range(tries):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        procs = [subprocess.Popen(command, cwd=cwd, env={**env, "WORLD_SIZE": "2", "RANK": str(r),
+                                                         "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                                         "MASTER_PORT": port}) for r in range(2)]
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=300))
+            except subprocess.TimeoutExpired:  # its peer died: the rendezvous will never complete
+                proc.kill()
+                codes.append(proc.wait())
+        if codes == [0, 0]:
+            return True
+    return False

@@ -124,7 +124,7 @@ def test_wiseft_sweeps_any_checkpoint(data, tmp_path):
 def test_wiseft_on_a_contrastive_checkpoint_rebuilds_the_head(data, tmp_path):
     fl = run_method("flyp", data=data, clip=tiny_clip(), out_dir=tmp_path / "fl", overrides=TINY)
     wise = run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(fl.checkpoint),
-                                                                          "alphas": [1.0]})
+                                                                          "alphas": [1.0], "report_alpha": 1.0})
     assert wise.metrics["test"]["macro_f1"] == pytest.approx(fl.metrics["test"]["macro_f1"])
     out = run_method("wiseft", data=data, clip=tiny_clip(), overrides={
         "finetuned": str(fl.checkpoint), "alphas": [0.0, 1.0], "ensemble": "outputs"})

@@ -135,3 +135,17 @@ def test_open_clip_tag_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE is set"):
         load_clip("ViT-B-32", "openai")
+
+
+def test_decoded_image_cache_never_serves_another_array():
+    """Regression: keys used id(array); a freed array's id can be reused by a new one."""
+    import numpy as np
+
+    from rftlib.data.base import ArrayImages, Split
+    from rftlib.data.pipeline import decode_split
+
+    for value in range(20):
+        arr = np.full((2, 8, 8, 3), value, dtype=np.uint8)
+        split = Split("s", "id", ArrayImages(arr), np.zeros(2))
+        assert int(decode_split(split, 8)[0, 0, 0, 0]) == value
+        del arr, split

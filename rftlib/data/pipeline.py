@@ -95,9 +95,10 @@ def decode_split(
         ImageReadError: naming the first file that cannot be decoded.
     """
     key = _source_key(split, size)
-    if key in _MEMORY_CACHE:
+    source = split.images.array if isinstance(split.images, ArrayImages) else split.images.paths
+    if key in _MEMORY_CACHE and _MEMORY_CACHE[key][0] is source:
         _MEMORY_CACHE.move_to_end(key)
-        return _MEMORY_CACHE[key]
+        return _MEMORY_CACHE[key][1]
     disk = Path(cache_dir) / f"{key[1]}-{size}.npy" if cache_dir and key[0] == "files" else None
     if disk is not None and disk.exists():
         out = torch.from_numpy(np.load(disk))
@@ -108,7 +109,7 @@ def decode_split(
             tmp = disk.with_suffix(".tmp.npy")
             np.save(tmp, out.numpy())
             tmp.replace(disk)
-    _MEMORY_CACHE[key] = out
+    _MEMORY_CACHE[key] = (source, out)
     while len(_MEMORY_CACHE) > MEMORY_CACHE_ITEMS:
         _MEMORY_CACHE.popitem(last=False)
     return out
