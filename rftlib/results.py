@@ -24,8 +24,9 @@ The ``runs`` table registers each run once (``start_run``/``finish_run``) so tha
 be told apart from finished ones, and so that ``log_metrics`` can fill in a run's method, dataset,
 model and config without the caller repeating them.
 
-The file lives at ``rft_runs/results.db`` under the current directory unless the ``RFT_RESULTS_DB``
-environment variable or an explicit ``path`` argument says otherwise (explicit > env var > default).
+The file lives at ``results.db`` in the runs folder (:func:`runs_dir`: ``$RFT_RUNS_DIR``, else
+``rft_runs/`` under the current directory) unless the ``RFT_RESULTS_DB`` environment variable or an
+explicit ``path`` argument says otherwise (explicit > env var > default).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ENV_VAR = "RFT_RESULTS_DB"
-DEFAULT_RELATIVE_PATH = Path("rft_runs") / "results.db"
+RUNS_ENV_VAR = "RFT_RUNS_DIR"
+DEFAULT_RUNS_DIR = Path("rft_runs")
 BUSY_TIMEOUT_MS = 60_000
 LOCK_RETRIES = 5
 RUN_STATUSES = ("running", "done", "failed")
@@ -111,16 +113,27 @@ def _schema_statements() -> tuple[str, ...]:
     )
 
 
+def runs_dir() -> Path:
+    """The folder for run outputs (checkpoints under ``<run_id>/``, and the default results store).
+
+    Returns:
+        ``$RFT_RUNS_DIR`` if set and non-empty, else ``rft_runs`` under the current working
+        directory; always absolute.
+    """
+    env = os.environ.get(RUNS_ENV_VAR)
+    return Path(env).expanduser().absolute() if env else Path.cwd() / DEFAULT_RUNS_DIR
+
+
 def default_path() -> Path:
     """Where the store lives when no explicit path is given.
 
     Returns:
         ``$RFT_RESULTS_DB`` if that environment variable is set and non-empty, else
-        ``rft_runs/results.db`` under the current working directory; always absolute, so a later
-        ``chdir`` does not move the store.
+        ``results.db`` in :func:`runs_dir`; always absolute, so a later ``chdir`` does not move
+        the store.
     """
     env = os.environ.get(ENV_VAR)
-    return Path(env).expanduser().absolute() if env else Path.cwd() / DEFAULT_RELATIVE_PATH
+    return Path(env).expanduser().absolute() if env else runs_dir() / "results.db"
 
 
 def resolve_path(path: str | os.PathLike | None = None) -> Path:

@@ -1,12 +1,8 @@
 """Test-wide settings: offline, quiet, and results written to a temporary store."""
 
-import os
+import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RFT_PROGRESS", "off")
-
-import pytest  # noqa: E402
+# offline/quiet settings and a temporary RFT_RUNS_DIR come from the repository's root conftest.py
 
 
 @pytest.fixture(autouse=True)

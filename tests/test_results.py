@@ -93,8 +93,13 @@ def test_export_csv_and_jsonl_round_trip(store, tmp_path):
 def test_path_precedence_explicit_then_env_then_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(results.ENV_VAR, raising=False)
+    monkeypatch.delenv(results.RUNS_ENV_VAR, raising=False)
     assert results.default_path() == tmp_path / "rft_runs" / "results.db"
     assert ResultsStore().path == tmp_path / "rft_runs" / "results.db"
+
+    monkeypatch.setenv(results.RUNS_ENV_VAR, str(tmp_path / "elsewhere"))  # moves checkpoints and the store
+    assert results.runs_dir() == tmp_path / "elsewhere"
+    assert ResultsStore().path == tmp_path / "elsewhere" / "results.db"
 
     monkeypatch.setenv(results.ENV_VAR, str(tmp_path / "env.db"))
     assert ResultsStore().path == tmp_path / "env.db"

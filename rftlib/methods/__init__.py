@@ -61,14 +61,15 @@ def run_method(
         device: where to compute.
         seed: seeds data order and initialisation (also stored with every result row).
         results_db: SQLite results file (default ``$RFT_RESULTS_DB`` or ``rft_runs/results.db``).
-        out_dir: checkpoint folder (default ``rft_runs/<run_id>``); an existing run resumes.
+        out_dir: checkpoint folder (default ``<runs_dir>/<run_id>``, where :func:`rftlib.results.runs_dir`
+            is ``$RFT_RUNS_DIR`` or ``./rft_runs``); an existing run resumes.
         overrides: config overrides, e.g. ``{"epochs": 2, "lr": 1e-5}``.
         progress: ``auto`` | ``text`` | ``off``.
         callbacks: receive training events (live curves).
     """
     from ..data import get_dataset
     from ..models import load_clip
-    from ..results import ResultsStore
+    from ..results import ResultsStore, runs_dir
 
     module = get_method(method)
     torch.manual_seed(seed)
@@ -78,7 +79,7 @@ def run_method(
     clip = clip if clip is not None else load_clip(model, pretrained, device=device)
     store = ResultsStore(results_db)
     run_id = store.new_run_id(module.NAME, data.name)
-    out = Path(out_dir) if out_dir is not None else Path("rft_runs") / run_id
+    out = Path(out_dir) if out_dir is not None else runs_dir() / run_id
     store.start_run(run_id, method=module.NAME, dataset=data.name, model=clip.name, pretrained=clip.pretrained,
                     seed=seed, config=cfg)
     ctx = RunContext(clip=clip, dataset=data, device=torch.device(device), store=store, run_id=run_id,
