@@ -129,3 +129,19 @@ def test_wiseft_on_a_contrastive_checkpoint_rebuilds_the_head(data, tmp_path):
     out = run_method("wiseft", data=data, clip=tiny_clip(), overrides={
         "finetuned": str(fl.checkpoint), "alphas": [0.0, 1.0], "ensemble": "outputs"})
     assert out.metrics["test"]["macro_f1"] >= 0.0
+
+
+def test_wiseft_forwards_the_schedule_to_its_base_run(data, tmp_path):
+    wise = run_method("wiseft", data=data, clip=tiny_clip(), out_dir=tmp_path / "w",
+                      overrides={"epochs": 1, "batch_size": 32, "base_overrides": {"warmup_steps": 2},
+                                 "alphas": [0.0, 1.0]})
+    runs = load()
+    base = runs[(runs.method == "finetune") & runs.epoch.notna()]
+    assert sorted(base.epoch.unique()) == [0]  # one epoch (0-based); the preset has 4
+    import json
+
+    config = json.loads(base.config_json.iloc[0])
+    assert config["train"]["batch_size"] == 32 and config["train"]["warmup_steps"] == 2
+    assert wise.checkpoint is not None and wise.checkpoint.exists()
+    with pytest.raises(ValueError, match="nothing is trained"):
+        run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(wise.checkpoint), "epochs": 1})

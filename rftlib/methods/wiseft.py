@@ -11,7 +11,8 @@ interpolated text tower at each ``a``. Works on any rftlib checkpoint.
 The output-space ensemble (the paper's baseline) mixes the two models' logits (or
 probabilities) instead: two forward passes per image, no weight merge.
 
-Knobs: ``finetuned`` (checkpoint path; ``None`` runs ``base_method`` first), ``alphas``,
+Knobs: ``finetuned`` (checkpoint path; ``None`` runs ``base_method`` first, configured by
+``base_overrides`` or the ``epochs`` / ``batch_size`` shortcuts), ``alphas``,
 ``ensemble`` (``weights`` | ``outputs``), ``output_space`` (``logits`` | ``probs``),
 ``report_alpha`` (the mixing the run reports as its result; 0.5 is the paper's choice when no OOD
 data is available).
@@ -55,6 +56,9 @@ ENSEMBLES = ("weights", "outputs")
 class Config:
     finetuned: str | None = None        # fine-tuned checkpoint (.safetensors); None: run base_method first
     base_method: str = "finetune"       # method that produces the fine-tuned end point when needed
+    base_overrides: dict | None = None  # config overrides for the base_method run
+    epochs: int | None = None           # shortcut for base_overrides["epochs"] (None: the base preset's)
+    batch_size: int | None = None       # shortcut for base_overrides["batch_size"]
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # mixing coefficients to evaluate (0 = zero-shot)
     ensemble: str = "weights"           # "weights" (WiSE-FT) or "outputs" (output-space ensemble)
     output_space: str = "logits"        # for ensemble="outputs": mix "logits" or "probs"
@@ -181,14 +185,24 @@ def _finetuned_state(ctx: RunContext, cfg: Config) -> tuple[dict, Path | None]:
 
     base = run_method(cfg.base_method, data=ctx.dataset, clip=copy.deepcopy(ctx.clip), device=ctx.device,
                       seed=ctx.seed, results_db=str(ctx.store.path), out_dir=ctx.out_dir / cfg.base_method
-                      if ctx.out_dir else None, progress=ctx.progress, callbacks=ctx.callbacks)
+                      if ctx.out_dir else None, progress=ctx.progress, callbacks=ctx.callbacks,
+                      overrides=base_overrides(cfg))
     if base.checkpoint is not None:
         return load_checkpoint(base.checkpoint)[0], base.checkpoint
     head = getattr(base.classifier, "head", None)
     return {k: v.detach().cpu() for k, v in classifier_state(base.clip, head).items()}, None
 
 
+def base_overrides(cfg: Config) -> dict:
+    """Overrides of the base_method run: ``base_overrides`` plus the ``epochs``/``batch_size`` shortcuts."""
+    shortcuts = {k: v for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)) if v is not None}
+    return {**(cfg.base_overrides or {}), **shortcuts}
+
+
 def run(ctx: RunContext, cfg: Config) -> RunResult:
+    if cfg.finetuned is not None and base_overrides(cfg):
+        raise ValueError(f"epochs/batch_size/base_overrides configure the base_method run, but finetuned="
+                         f"{cfg.finetuned!r} is given, so nothing is trained; drop one of them")
     if cfg.ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {cfg.ensemble!r}; valid: {', '.join(ENSEMBLES)}")
     if any(not 0.0 <= a <= 1.0 for a in cfg.alphas):
