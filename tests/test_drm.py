@@ -218,3 +218,45 @@ def test_end_to_end_rows_carry_beta(data, tmp_path):
         bare = get_dataset("synthwild", size="tiny", cache=False)
         bare.descriptions = None
         run_method("drm", data=bare, clip=tiny_clip(), overrides=TINY)
+
+
+def _load_script(name: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "data_scripts" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_descriptions_come_from_the_data_root_or_the_error_names_the_command(data, tmp_path):
+    from dataclasses import replace
+
+    from rftlib.methods.concepts import description_file
+    from rftlib.methods.drm import resolve_descriptions
+
+    bare = replace(data, name="iwildcam", descriptions=None, root=tmp_path)
+    with pytest.raises(ConceptDescriptionError, match=r"prepare_drm_descriptions\.py iwildcam --root .* --download"):
+        resolve_descriptions(Config(), bare)
+    path = description_file(tmp_path, "iwildcam")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({name: f"the {name}" for name in reversed(data.classnames)}))  # keyed by name
+    assert resolve_descriptions(Config(), bare) == [f"the {name}" for name in data.classnames]
+
+
+@pytest.mark.skipif(not DRM_DATA.exists(), reason="DRM's released files are not on this machine")
+def test_prepare_script_adopts_a_checked_file_and_refuses_a_wrong_one(tmp_path):
+    from rftlib.methods.concepts import description_file
+
+    script = _load_script("prepare_drm_descriptions")
+    root = tmp_path / "data"
+    assert script.main(["iwildcam", "--root", str(root)]) == 1  # nothing there yet
+    assert script.main(["iwildcam", "--root", str(root), "--adopt", str(DRM_DATA / "prompts" / "fmow_cd.json")]) == 1
+    assert not description_file(root, "iwildcam").exists()  # a rejected file never reaches the target
+    assert script.main(["iwildcam", "--root", str(root), "--adopt",
+                        str(DRM_DATA / "prompts" / "iwildcam_cd.json")]) == 0
+    assert len(json.loads(description_file(root, "iwildcam").read_text())) == 182
+    assert script.main(["iwildcam", "--root", str(root)]) == 0  # verify only

@@ -92,8 +92,49 @@ def test_notebook_runs_headless_on_defaults(path, tmp_path, shared_cache, monkey
 def test_bad_parameters_fail_in_the_setup_cell(bad, message, tmp_path):
     import papermill
 
-    with pytest.raises(papermill.PapermillExecutionError, match=message) as err:
+    with pytest.raises(papermill.PapermillExecutionError, match=message):
         _execute(ROOT / "notebooks" / "wiseft.ipynb", tmp_path, **bad)
     out = nbformat.read(tmp_path / "wiseft-out.ipynb", as_version=4)
     failed = [c for c in _code_cells(out) if any(o.output_type == "error" for o in c.outputs)]
     assert len(failed) == 1 and "notebook.setup(" in failed[0].source
+
+
+def _failed_cells(nb):
+    return [c for c in _code_cells(nb) if any(o.output_type == "error" for o in c.outputs)]
+
+
+def test_without_data_a_notebook_stops_in_its_first_data_cell(tmp_path):
+    import papermill
+
+    empty = tmp_path / "no-data"
+    with pytest.raises(papermill.PapermillExecutionError, match=r"prepare_wilds\.py iwildcam --root"):
+        _execute(ROOT / "notebooks" / "drm.ipynb", tmp_path, dataset="iwildcam", data_root=str(empty))
+    failed = _failed_cells(nbformat.read(tmp_path / "drm-out.ipynb", as_version=4))
+    assert len(failed) == 1 and "session.load_data()" in failed[0].source
+
+
+@pytest.mark.slow
+def test_drm_notebook_runs_on_a_fabricated_iwildcam(tmp_path, monkeypatch):
+    """``papermill notebooks/drm.ipynb out.ipynb -p dataset iwildcam`` end to end, tiny model, fake tree."""
+    import json
+
+    from rftlib.data import get_dataset
+    from rftlib.methods.concepts import description_file
+    from rftlib.results import load
+
+    from .fakes import make_fake_iwildcam
+
+    root = tmp_path / "data"
+    make_fake_iwildcam(root, n_per_split={"train": 32, "id_val": 12, "id_test": 12, "val": 12, "test": 12},
+                       num_classes=4)
+    names = get_dataset("iwildcam", root=root).classnames
+    path = description_file(root, "iwildcam")  # where prepare_drm_descriptions.py puts DRM's file
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({str(i): f"{name}, an animal with a distinctive shape" for i, name in enumerate(names)}))
+    db = tmp_path / "results.db"
+    monkeypatch.setenv("RFT_RESULTS_DB", str(db))
+    nb = _execute(ROOT / "notebooks" / "drm.ipynb", tmp_path, dataset="iwildcam", data_root=str(root),
+                  model="rft-tiny", pretrained="none", epochs=1, batch_size=8, grid_points=3, progress="off")
+    assert not _failed_cells(nb)
+    rows = load(db, method="drm")
+    assert set(rows.dataset) == {"iwildcam"} and sorted(rows.beta.dropna().unique())[:3] == [0.0, 0.1, 0.2]

@@ -42,8 +42,22 @@ ClassPrompts = Union[str, list[str]]
 DescriptionSource = Union[str, os.PathLike, Mapping[str, Any], Sequence[Any]]
 
 
+DESCRIPTIONS_DIR = "drm_concept_descriptions"
+"""Folder under a data root holding ``<dataset>_cd.json`` (put there by ``prepare_drm_descriptions.py``)."""
+
+
 class ConceptDescriptionError(ValueError):
     """A concept-description file does not describe the dataset's classes; the message says which."""
+
+
+def description_file(root: str | os.PathLike, dataset: str) -> Path:
+    """Where a dataset's concept descriptions live: ``<root>/drm_concept_descriptions/<dataset>_cd.json``."""
+    return Path(root) / DESCRIPTIONS_DIR / f"{dataset}_cd.json"
+
+
+def prepare_command(dataset: str, root: str | os.PathLike) -> str:
+    """The shell command that puts DRM's released descriptions for ``dataset`` under ``root``."""
+    return f"python data_scripts/prepare_drm_descriptions.py {dataset} --root {root} --download"
 
 
 def normalise_name(name: str) -> str:

@@ -68,7 +68,13 @@ from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_cla
 from ..train import TrainConfig, fit
 from .base import Batch
 from .common import RunContext, RunResult
-from .concepts import ClassPrompts, load_concept_descriptions
+from .concepts import (
+    ClassPrompts,
+    ConceptDescriptionError,
+    description_file,
+    load_concept_descriptions,
+    prepare_command,
+)
 from .flyp import Config as FlypConfig
 from .flyp import FlypTask, contrastive_loss
 
@@ -89,7 +95,7 @@ class Config:
     cd_classes: str = "all"           # classes in the worst-case term: "all" K, or those in the "batch"
     beta: float = 0.5                 # dual inference: weight of the default-template head's probabilities
     betas: tuple[float, ...] = DEFAULT_BETAS  # the beta grid of the post-hoc sweep
-    descriptions: str | None = None   # DRM concept-description JSON; None: the dataset's own descriptions
+    descriptions: str | None = None   # DRM concept-description JSON; None: the dataset's own, else the prepared file
     description_variants: bool = False  # use dataset.info["description_variants"] (several per class)
     templates: tuple[str, ...] | None = None  # default-template prompts (captions + df head); None: the dataset's
 
@@ -296,7 +302,9 @@ class DRMTask(FlypTask):
 
 
 def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]:
-    """The concept descriptions to use: ``cfg.descriptions`` (a file), else the dataset's own."""
+    """The concept descriptions to use, first found of: ``cfg.descriptions`` (a file); the
+    dataset's own (synthwild); ``<data root>/drm_concept_descriptions/<dataset>_cd.json`` (DRM's
+    released files, put there by ``data_scripts/prepare_drm_descriptions.py``)."""
     if cfg.descriptions is not None:
         return load_concept_descriptions(cfg.descriptions, dataset.classnames)
     if cfg.description_variants:
@@ -307,8 +315,13 @@ def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]
         return load_concept_descriptions(list(variants), dataset.classnames)
     if dataset.descriptions:
         return load_concept_descriptions(list(dataset.descriptions), dataset.classnames)
-    raise ValueError(f"dataset {dataset.name!r} has no concept descriptions; pass descriptions=<path to a DRM JSON "
-                     "file> (DRM's prompts/*_cd.json, keyed by label index or class name)")
+    if dataset.root is not None and description_file(dataset.root, dataset.name).exists():
+        return load_concept_descriptions(description_file(dataset.root, dataset.name), dataset.classnames)
+    where = f"{description_file(dataset.root, dataset.name)} does not exist" if dataset.root else "none ship with it"
+    raise ConceptDescriptionError(
+        f"dataset {dataset.name!r} has no concept descriptions ({where}). Prepare DRM's released ones with "
+        f"`{prepare_command(dataset.name, dataset.root or 'data')}`, or pass descriptions=<path to a DRM JSON file> "
+        "(keyed by label index or class name)")
 
 
 def _check_config(cfg: Config) -> None:
