@@ -206,8 +206,10 @@ def _curve_trace(points: pd.DataFrame, knob: str) -> go.Scatter:
 def _endpoint_trace(points: pd.DataFrame, knob: str) -> go.Scatter:
     """Text labels at the two ends of the curve (``zero-shot``/``fine-tuned`` for alpha)."""
     ends = points.iloc[[0, -1]]
+    rightmost = int(np.argmax(ends["id"].to_numpy()))  # its label grows leftwards, so it stays inside the axes
+    positions = ["bottom left" if i == rightmost else "bottom right" for i in range(2)]
     return go.Scatter(x=ends["id"], y=ends["ood"], mode="text", name="end points", showlegend=False,
-                      text=[_endpoint_label(knob, v) for v in ends[knob]], textposition="bottom right",
+                      text=[_endpoint_label(knob, v) for v in ends[knob]], textposition=positions,
                       hoverinfo="skip")
 
 
