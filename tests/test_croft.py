@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rftlib.data import get_dataset
 from rftlib.data.pipeline import ImageSpec, decode_split, normalize
 from rftlib.methods import get_config, run_method
 from rftlib.methods.base import Batch
@@ -29,20 +28,12 @@ from rftlib.methods.croft import (
     knn_score,
     resolve_mode,
 )
-from rftlib.models import build_zeroshot_head, load_classifier, load_clip
+from rftlib.models import build_zeroshot_head, load_classifier
 from rftlib.results import load
 
+from .helpers import run_single_and_two_ranks, tiny_clip
+
 TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2, "knn_k": 3}
-
-
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    return load_clip("rft-tiny", None)
 
 
 def make_task(clip, data, **overrides):
@@ -282,47 +273,6 @@ if info.is_main:
 @pytest.mark.slow
 def test_ddp_two_processes_train_exactly_like_one(tmp_path):
     """Every rank computes the loss of the gathered global batch, so DDP changes nothing."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "croft_fit.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single.safetensors"), "faithful"], env=env,
-                   cwd=root, check=True, timeout=300)
-    assert _launch_two_ranks([sys.executable, str(script), str(tmp_path / "ddp.safetensors"), "faithful"], env, root)
-    single, ddp = load_file(str(tmp_path / "single.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
+    single, ddp = run_single_and_two_ranks(DDP_SCRIPT, tmp_path, "faithful")
     assert not torch.equal(single["croft.image_adapter"], torch.eye(len(single["croft.image_adapter"])))
     assert all(torch.allclose(single[k], ddp[k], atol=1e-6) for k in single)
-
-
-def _launch_two_ranks(command: list, env: dict, cwd, tries: int = 2) -> bool:
-    """Run ``command`` as two gloo ranks; retry once on a fresh port if the rendezvous fails.
-
-    On a shared machine another job can grab the "free" port between probing and binding.
-    """
-    import socket
-    import subprocess
-
-    for _ in range(tries):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        procs = [subprocess.Popen(command, cwd=cwd, env={**env, "WORLD_SIZE": "2", "RANK": str(r),
-                                                         "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-                                                         "MASTER_PORT": port}) for r in range(2)]
-        codes = []
-        for proc in procs:
-            try:
-                codes.append(proc.wait(timeout=300))
-            except subprocess.TimeoutExpired:  # its peer died: the rendezvous will never complete
-                proc.kill()
-                codes.append(proc.wait())
-        if codes == [0, 0]:
-            return True
-    return False

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from rftlib.data import get_dataset
 from rftlib.methods import run_method
 from rftlib.methods.dps import (
     Config,
@@ -20,21 +19,12 @@ from rftlib.methods.dps import (
     row_scores,
     sweep_mask_ratios,
 )
-from rftlib.models import load_clip
 from rftlib.results import load
+
+from .helpers import tiny_clip
 
 TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
 MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
-def tiny_clip(seed: int = 0):
-    torch.manual_seed(seed)
-    return load_clip("rft-tiny", None)
 
 
 def perturbed(state: dict, seed: int = 1, scale: float = 0.01) -> dict:

@@ -22,21 +22,12 @@ from rftlib.methods.drm import (
     dual_logits,
     soft_labels,
 )
-from rftlib.models import load_clip
 from rftlib.results import load
+
+from .helpers import tiny_clip
 
 DRM_DATA = Path("/work/shared/data/drm_concept_descriptions")
 TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    return load_clip("rft-tiny", None)
 
 
 def drm_file(relative: str) -> Path:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rftlib.data import get_dataset
 from rftlib.methods import run_method
-from rftlib.models import load_clip
+
+from .helpers import tiny_clip
 
 TRAINED = ["finetune", "lpft", "flyp", "dps", "drm", "croft", "radapter"]
 SCHEDULE = {"epochs": 2, "batch_size": 32, "warmup_steps": 2}
@@ -27,15 +27,8 @@ def interrupt_in_second_epoch(event):
         raise Interrupted
 
 
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
 def _run(method, data, out, callbacks=()):
-    torch.manual_seed(0)
-    clip = load_clip("rft-tiny", None)
-    return run_method(method, data=data, clip=clip, out_dir=out, overrides=SCHEDULE, callbacks=callbacks)
+    return run_method(method, data=data, clip=tiny_clip(), out_dir=out, overrides=SCHEDULE, callbacks=callbacks)
 
 
 @pytest.mark.slow

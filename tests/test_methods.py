@@ -6,25 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from rftlib.data import get_dataset
 from rftlib.methods import get_config, list_methods, run_method
 from rftlib.methods.flyp import contrastive_loss
 from rftlib.methods.wiseft import merge_state_dicts, output_ensemble
-from rftlib.models import load_clip
 from rftlib.registry import UnknownNameError
 from rftlib.results import load
 
+from .helpers import tiny_clip
+
 TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    return load_clip("rft-tiny", None)
 
 
 def test_merge_end_points_and_midpoint():

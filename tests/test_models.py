@@ -22,14 +22,15 @@ from rftlib.models import (
 )
 from rftlib.registry import UnknownNameError
 
+from .helpers import tiny_clip
+
 CLASSES = ["zarvok", "mellibun", "red round animal"]
 TEMPLATES = ["a photo of a {}.", "a camera trap image of a {}."]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return load_clip("rft-tiny", None)
+    return tiny_clip()
 
 
 def test_head_rows_have_norm_exp_logit_scale(tiny):

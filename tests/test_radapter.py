@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rftlib.data import get_dataset
 from rftlib.methods import get_config, run_method
 from rftlib.methods.flyp import contrastive_loss
 from rftlib.methods.radapter import (
@@ -29,21 +28,13 @@ from rftlib.methods.radapter import (
     remove_adapters,
     unmerge_adapters,
 )
-from rftlib.models import load_classifier, load_clip
+from rftlib.models import load_classifier
 from rftlib.results import load
+
+from .helpers import run_single_and_two_ranks, tiny_clip
 
 TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
 WIDTH = 64  # rft-tiny's width in both towers
-
-
-@pytest.fixture(scope="module")
-def data():
-    return get_dataset("synthwild", size="tiny", cache=False)
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    return load_clip("rft-tiny", None)
 
 
 def inputs(clip, n=6):
@@ -319,46 +310,7 @@ if info.is_main:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     """Features and labels are gathered with gradients: the multi-positive loss spans the global batch."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "radapter_fit.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single.safetensors")], env=env, cwd=root,
-                   check=True, timeout=300)
-    assert _launch_two_ranks([sys.executable, str(script), str(tmp_path / "ddp.safetensors")], env, root)
-    single, ddp = load_file(str(tmp_path / "single.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
+    single, ddp = run_single_and_two_ranks(DDP_SCRIPT, tmp_path)
     moved = [k for k in single if k.startswith(ADAPTER_PREFIX) and single[k].abs().sum() > 0 and k.endswith(".up")]
     assert moved  # the adapters were trained
     assert all(torch.allclose(single[k], ddp[k], atol=1e-5) for k in single)
-
-
-def _launch_two_ranks(command: list, env: dict, cwd, tries: int = 2) -> bool:
-    """Run ``command`` as two gloo ranks; retry once on a fresh port if the rendezvous fails.
-
-    On a shared machine another job can grab the "free" port between probing and binding.
-    """
-    import socket
-    import subprocess
-
-    for _ in range(tries):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        procs = [subprocess.Popen(command, cwd=cwd, env={**env, "WORLD_SIZE": "2", "RANK": str(r),
-                                                         "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-                                                         "MASTER_PORT": port}) for r in range(2)]
-        codes = []
-        for proc in procs:
-            try:
-                codes.append(proc.wait(timeout=300))
-            except subprocess.TimeoutExpired:  # its peer died: the rendezvous will never complete
-                proc.kill()
-                codes.append(proc.wait())
-        if codes == [0, 0]:
-            return True
-    return False

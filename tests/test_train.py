@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from rftlib.methods.finetune import FinetuneTask
 from rftlib.models import build_zeroshot_head, load_clip
 from rftlib.schedule import lr_at
 from rftlib.train import NonFiniteLossError, TrainConfig, fit
+
+from .helpers import launch_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "tiny_fit.py"
@@ -91,26 +92,14 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     _assert_same_weights(clean / "ckpt-00000036.safetensors", killed / "ckpt-00000036.safetensors")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "flyp"])
 def test_ddp_two_processes_match_single_process(tmp_path, method):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--method", method, "--epochs", "1", "--checkpoint-every", "0"]
     _run([*common, "--out", str(single)], check=True, timeout=300)
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT), *common, "--out", str(ddp)], cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": str(r),
-                              "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        for r in range(2)
-    ]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert launch_two_ranks([sys.executable, str(SCRIPT), *common, "--out", str(ddp)],
+                            {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT)
     init = load_file(str(single / "init.safetensors"))
     assert init.keys() == load_file(str(ddp / "init.safetensors")).keys()
     _assert_same_update(init, load_file(str(single / "final.safetensors")), load_file(str(ddp / "final.safetensors")))
