@@ -77,7 +77,28 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-class FlypTask(Task):
+class CaptionMixin:
+    """FLYP's captions for a task that trains on image/caption pairs made from class prompts.
+
+    Needs ``self.templates``, ``self.classnames``, ``self.model`` (the open_clip model) and
+    ``self.clip`` (for the tokenizer and device).
+    """
+
+    def captions(self, batch: Batch) -> list[str]:
+        """One random template per image (drawn from the batch's generator, so rank- and
+        accumulation-invariant), filled with its class name."""
+        picks, labels = batch.randint(len(self.templates)), batch.labels
+        return [self.templates[t].format(self.classnames[y]) for t, y in zip(picks.tolist(), labels.tolist())]
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Text features of ``captions``, encoding each distinct caption once."""
+        unique = sorted(set(captions))
+        position = {c: i for i, c in enumerate(unique)}
+        feats = self.model.encode_text(self.clip.tokenizer(unique).to(self.clip.device))
+        return feats[torch.tensor([position[c] for c in captions], device=feats.device)]
+
+
+class FlypTask(CaptionMixin, Task):
     """Both towers and the logit scale trained with the contrastive loss on prompt captions."""
 
     method_name = NAME
@@ -90,17 +111,6 @@ class FlypTask(Task):
         self.classnames, self.templates, self.cfg, self.method_config = classnames, templates, cfg, cfg
         for p in self.model.parameters():
             p.requires_grad_(True)
-
-    def captions(self, batch: Batch) -> list[str]:
-        """One random template per image, filled with its class name."""
-        picks, labels = batch.randint(len(self.templates)), batch.labels
-        return [self.templates[t].format(self.classnames[y]) for t, y in zip(picks.tolist(), labels.tolist())]
-
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        unique = sorted(set(captions))
-        position = {c: i for i, c in enumerate(unique)}
-        feats = self.model.encode_text(self.clip.tokenizer(unique).to(self.clip.device))
-        return feats[torch.tensor([position[c] for c in captions], device=feats.device)]
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = all_gather_with_grad(self.model.encode_image(batch.images))

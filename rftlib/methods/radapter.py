@@ -89,6 +89,7 @@ from ..models import ClipModel, ImageClassifier, build_zeroshot_head, save_check
 from ..train import TrainConfig, fit
 from .base import Batch, Task
 from .common import RunContext, RunResult
+from .flyp import CaptionMixin
 
 log = logging.getLogger(__name__)
 
@@ -597,7 +598,7 @@ class AdaptedClassifier(nn.Module):
             return self.head(self.visual(images))
 
 
-class RAdapterTask(Task):
+class RAdapterTask(CaptionMixin, Task):
     """Adapters in both towers trained with MPM-NCE on prompt captions; everything else frozen."""
 
     method_name = NAME
@@ -614,17 +615,6 @@ class RAdapterTask(Task):
         add_adapters(self.model, cfg.rank_vision, cfg.rank_text, cfg.drop, cfg.granularity, init_scale=cfg.init_scale)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("rank_vision = rank_text = 0 leaves nothing to train")
-
-    def captions(self, batch: Batch) -> list[str]:
-        """One random template per image (rank- and accumulation-invariant), filled with its class."""
-        picks = batch.randint(len(self.templates))
-        return [self.templates[t].format(self.classnames[y]) for t, y in zip(picks.tolist(), batch.labels.tolist())]
-
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        unique = sorted(set(captions))
-        position = {c: i for i, c in enumerate(unique)}
-        feats = self.model.encode_text(self.clip.tokenizer(unique).to(self.clip.device))
-        return feats[torch.tensor([position[c] for c in captions], device=feats.device)]
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = all_gather_with_grad(self.model.encode_image(batch.images))
