@@ -72,16 +72,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                       flush=True)
     table = pd.DataFrame(rows)
     print(f"\nsynthwild defaults on {torch.get_num_threads()} CPU thread(s) (torch {torch.__version__})")
-    print(table.round(3).to_markdown(index=False) if _has_tabulate() else table.round(3).to_string(index=False))
+    print(table.round(3).to_string(index=False))
     return table
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ from .concepts import (
     load_concept_descriptions,
     prepare_command,
 )
+from .flyp import PRESETS as FLYP_PRESETS
 from .flyp import Config as FlypConfig
 from .flyp import FlypTask, contrastive_loss
 
@@ -100,14 +101,9 @@ class Config:
     templates: tuple[str, ...] | None = None  # default-template prompts (captions + df head); None: the dataset's
 
 
-PRESETS = {
-    "synthwild": {"epochs": 4, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 30},
-    # FLYP README recipes (DRM trains FLYP-style); lam and the affinity axis are not from released code
-    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
-    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
-    "imagenet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500,
-                 "select_split": None, "eval_splits": []},
-}
+# DRM trains FLYP-style with FLYP's recipes (the FLYP code's README) on every dataset, synthwild's CPU
+# preset included; lam and the affinity axis are not from released code
+PRESETS = {name: dict(preset) for name, preset in FLYP_PRESETS.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,9 +311,10 @@ def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]
         return load_concept_descriptions(list(variants), dataset.classnames)
     if dataset.descriptions:
         return load_concept_descriptions(list(dataset.descriptions), dataset.classnames)
-    if dataset.root is not None and description_file(dataset.root, dataset.name).exists():
-        return load_concept_descriptions(description_file(dataset.root, dataset.name), dataset.classnames)
-    where = f"{description_file(dataset.root, dataset.name)} does not exist" if dataset.root else "none ship with it"
+    prepared = description_file(dataset.root, dataset.name) if dataset.root is not None else None
+    if prepared is not None and prepared.exists():
+        return load_concept_descriptions(prepared, dataset.classnames)
+    where = f"{prepared} does not exist" if prepared is not None else "none ship with it"
     raise ConceptDescriptionError(
         f"dataset {dataset.name!r} has no concept descriptions ({where}). Prepare DRM's released ones with "
         f"`{prepare_command(dataset.name, dataset.root or 'data')}`, or pass descriptions=<path to a DRM JSON file> "

@@ -186,21 +186,21 @@ def _finetuned_state(ctx: RunContext, cfg: Config) -> tuple[dict, Path | None]:
     base = run_method(cfg.base_method, data=ctx.dataset, clip=copy.deepcopy(ctx.clip), device=ctx.device,
                       seed=ctx.seed, results_db=str(ctx.store.path), out_dir=ctx.out_dir / cfg.base_method
                       if ctx.out_dir else None, progress=ctx.progress, callbacks=ctx.callbacks,
-                      overrides=base_overrides(cfg))
+                      overrides=base_run_overrides(cfg))
     if base.checkpoint is not None:
         return load_checkpoint(base.checkpoint)[0], base.checkpoint
     head = getattr(base.classifier, "head", None)
     return {k: v.detach().cpu() for k, v in classifier_state(base.clip, head).items()}, None
 
 
-def base_overrides(cfg: Config) -> dict:
+def base_run_overrides(cfg: Config) -> dict:
     """Overrides of the base_method run: ``base_overrides`` plus the ``epochs``/``batch_size`` shortcuts."""
     shortcuts = {k: v for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)) if v is not None}
     return {**(cfg.base_overrides or {}), **shortcuts}
 
 
 def run(ctx: RunContext, cfg: Config) -> RunResult:
-    if cfg.finetuned is not None and base_overrides(cfg):
+    if cfg.finetuned is not None and base_run_overrides(cfg):
         raise ValueError(f"epochs/batch_size/base_overrides configure the base_method run, but finetuned="
                          f"{cfg.finetuned!r} is given, so nothing is trained; drop one of them")
     if cfg.ensemble not in ENSEMBLES:
