@@ -439,7 +439,7 @@ class LiveTrainingPlot:
         self._steps: list[int] = []
         self._losses: list[float] = []
         self._evals: dict[str, tuple[list[float], list[float]]] = {}
-        self._last_flush, self._pending = 0.0, 0
+        self._last_flush, self._pending = float("-inf"), 0  # the first event always draws
         self.fig = figure_widget(viz.training_curves(viz.events_frame([]), metric=metric, title=self.title))
         self._loss = trace_named(self.fig, "loss")
         self.widget = self.fig
