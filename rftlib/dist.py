@@ -1,9 +1,11 @@
 """Distributed helpers: the same kernels run single-process (notebooks) and under ``torchrun``.
 
 Only three things know about distribution: :func:`init_distributed` (reads torchrun's
-environment), the training loop (shards each global batch across ranks and wraps the task in
-DDP), and contrastive losses, which gather features *with gradients* so the loss spans the
-global batch exactly as a single process would compute it.
+environment), the training loop (shards each global batch across ranks, wraps the task in DDP and
+reduces its logged scalars in one collective per step, on the training device, as NCCL requires),
+and contrastive losses, which gather features *with gradients* so the loss spans the global batch
+exactly as a single process would compute it. Run bookkeeping (the run id, the results store) is
+the main rank's: the others receive the run id with :func:`broadcast_object`.
 """
 
 from __future__ import annotations
@@ -31,42 +33,71 @@ class DistInfo:
 
 
 def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); no-op otherwise.
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set,
+    one rank included); no-op in a plain process.
 
-    Uses NCCL on CUDA and gloo elsewhere.
+    Uses NCCL on CUDA (after binding this process to GPU ``LOCAL_RANK``, so that every rank's
+    collectives run on its own GPU) and gloo elsewhere.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def current() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
 
 
-def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` from every rank along dim 0, keeping gradients to every rank's input."""
+def all_gather_with_grad(t: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0, keeping gradients to every rank's input.
+
+    ``uneven``: ranks may hold different numbers of rows (a training batch that dropped unreadable
+    images); their sizes are exchanged first and the rows padded for the collective, then trimmed.
+    """
     info = current()
     if not info.enabled:
         return t
     import torch.distributed.nn as dist_nn
 
-    return torch.cat(dist_nn.all_gather(t), dim=0)
+    if not uneven:
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    sizes = torch.zeros(info.world_size, dtype=torch.int64, device=t.device)
+    sizes[info.rank] = len(t)
+    dist.all_reduce(sizes)
+    sizes = sizes.tolist()
+    padded = torch.cat([t, t.new_zeros((max(sizes) - len(t), *t.shape[1:]))]) if len(t) < max(sizes) else t
+    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(padded), sizes)], dim=0)
 
 
-def all_reduce_mean(value: float) -> float:
-    info = current()
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / info.world_size).item()
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor (one collective, on the tensor's own device, as NCCL needs)."""
+    if not _grouped():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def broadcast_object(obj):
+    """The main rank's ``obj`` on every rank (identity outside a process group)."""
+    if not _grouped():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

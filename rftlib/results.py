@@ -284,10 +284,18 @@ class ResultsStore:
     Args:
         path: Database file; defaults to :func:`default_path`. Nothing is created until the first
             write, so pointing a store at a missing file to read it is harmless.
+        writer: whether writes reach the file. Default: in a single process, yes; in a distributed
+            job (``torchrun``), only on the main rank, so each run is recorded once (the other
+            ranks' writes are no-ops; reads work everywhere).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, writer: bool | None = None):
         self.path = resolve_path(path)
+        if writer is None:
+            from .dist import current
+
+            writer = current().is_main
+        self.writer = writer
 
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.path)!r})"
@@ -325,8 +333,11 @@ class ResultsStore:
         finally:
             conn.close()
 
-    def _write(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(conn)`` as one transaction, retried while the database is locked."""
+    def _write(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T | None:
+        """Run ``work(conn)`` as one transaction, retried while the database is locked (nothing on a
+        store that is not the writer)."""
+        if not self.writer:
+            return None
 
         def attempt() -> T:
             with self._transaction() as conn:
@@ -506,7 +517,7 @@ class ResultsStore:
                         row[name] = inherited.get(name)
             return _insert_results(conn, rows)
 
-        return self._write(f"log_metrics {run_id}", work)
+        return self._write(f"log_metrics {run_id}", work) or 0
 
     @staticmethod
     def _run_fields(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
@@ -535,7 +546,7 @@ class ResultsStore:
         prepared = [_prepare_row(row, now) for row in rows]
         if not prepared:
             return 0
-        return self._write(f"log_rows ({len(prepared)} rows)", lambda conn: _insert_results(conn, prepared))
+        return self._write(f"log_rows ({len(prepared)} rows)", lambda conn: _insert_results(conn, prepared)) or 0
 
     def load(self, **filters: Any) -> pd.DataFrame:
         """Read results as a tidy DataFrame, in insertion order.

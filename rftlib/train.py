@@ -1,17 +1,24 @@
 """The one shared training loop.
 
-:func:`fit` trains any :class:`rftlib.methods.base.Task` with AdamW and the per-step warmup+cosine
-schedule of :mod:`rftlib.schedule`; optional gradient clipping, accumulation and gradient
-checkpointing; bf16 autocast on CUDA (fp32 on CPU); DDP under ``torchrun``; evaluation on the ID
+:func:`fit` trains any :class:`rftlib.task.Task` with AdamW (fused on CUDA) and the per-step
+warmup+cosine schedule of :mod:`rftlib.schedule`; optional gradient clipping, accumulation and
+gradient checkpointing; bf16 autocast on CUDA (fp32 on CPU); DDP under ``torchrun``; evaluation on the ID
 validation split after every epoch with model selection on it (never on test); and crash-safe
 checkpoints with exact resume.
 
 Data order is a pure function of ``(seed, epoch)``: epoch ``e`` visits a fixed permutation of the
 training split in global batches of ``batch_size`` (the last incomplete batch is dropped); with
 ``W`` ranks and ``A`` accumulation steps each rank sees ``batch_size / (W * A)`` examples per
-micro-step. Because of that, and because checkpoints store the optimizer, the step and the RNG
-state, a run killed at any point and resumed from its last checkpoint ends with exactly the same
-weights as an uninterrupted run (bit-identical on CPU).
+micro-step. Augmented views are keyed by ``(seed, step, position in the global batch)``. Images
+reach the model through :class:`rftlib.data.train_input.TrainInput` (decoded once in memory, or
+streamed by worker processes; the run's log says which and why). Because of all that, and because
+checkpoints store the optimizer, the step and the RNG state, a run killed at any point and resumed
+from its last checkpoint ends with exactly the same weights as an uninterrupted run (bit-identical
+on CPU), whatever the number of loader workers.
+
+Logged scalars are averaged over the accumulation micro-steps and the ranks with one collective per
+step, on the training device; a non-finite loss on any rank stops every rank before the optimiser
+step.
 
 Checkpoints (``out_dir``): ``ckpt-<step>.safetensors`` (+ JSON sidecar) holds the weights,
 ``state-<step>.pt`` the optimizer/step/RNG/selection state (plain tensors, read with
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,13 +42,16 @@ import torch
 from torch import nn
 
 from . import dist as rdist
+from .data.augment import Augment
 from .data.base import RFTDataset
-from .data.pipeline import ImageSpec, decode_split, normalize
+from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
+from .data.pipeline import ImageSpec, normalize
+from .data.train_input import StepLayout, TrainInput
 from .evaluate import autocast_for, evaluate
-from .methods.base import Batch, Task
 from .models.checkpoint import load_checkpoint, save_checkpoint
 from .progress import progress
 from .schedule import lr_at
+from .task import Batch, Task
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,15 @@ class TrainConfig:
     checkpoint_every: int = 0       # extra checkpoints every N steps (0: only at epoch ends)
     keep_checkpoints: int = 1       # how many step checkpoints to keep
     restore_best: bool = True       # end with the weights selected on select_split
+    augment: str = "rrc"            # train views: "rrc" (the papers), "rrc_flip" (CRoFT), "none" (eval view)
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (papers: 0.9-1; Dassl: 0.08-1)
+
+    def __post_init__(self):
+        self.augmentation()  # an unknown augment or a bad crop_scale fails where it is set
+
+    def augmentation(self) -> Augment:
+        """The :class:`~rftlib.data.augment.Augment` these settings describe."""
+        return Augment(self.augment, tuple(self.crop_scale))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,11 +116,6 @@ class FitResult:
     last_checkpoint: Path | None
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 17)
 
@@ -126,8 +141,8 @@ class _Checkpointer:
 
     def _save_weights(self, path: Path, extra: dict) -> Path:
         return save_checkpoint(path, self.task.checkpoint_state(), clip=self.task.clip,
-                               classnames=self.dataset.classnames, method=getattr(self.task, "method_name", None),
-                               method_config=getattr(self.task, "method_config", None), extra=extra)
+                               classnames=self.dataset.classnames, method=self.task.method_name or None,
+                               method_config=self.task.method_config, extra=extra)
 
     def save(self, step: int, train_state: dict) -> Path | None:
         if self.out_dir is None or not rdist.current().is_main:
@@ -162,11 +177,12 @@ class _Checkpointer:
         return self.out_dir / info["weights"], self.out_dir / info["state"]
 
 
-def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit) -> dict[str, dict]:
+def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit, settings) -> dict[str, dict]:
     model = task.classifier()
     results = {}
     for name in cfg.eval_splits:
-        res = evaluate(model, dataset, name, spec, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+        res = evaluate(model, dataset, name, spec, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                       settings=settings)
         results[name] = res.metrics
         emit(Event("eval", step, epoch, {"split": name, "role": res.role, "metrics": res.metrics}))
     return results
@@ -175,7 +191,7 @@ def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit) -> dict
 def fit(
     task: Task, dataset: RFTDataset, cfg: TrainConfig, *, spec: ImageSpec, device: str | torch.device = "cpu",
     out_dir: str | Path | None = None, resume: bool = True, callbacks: Sequence[Callback] = (),
-    progress_mode: str | None = None, cache_dir: str | None = None,
+    progress_mode: str | None = None, loader: LoaderSettings | None = None,
 ) -> FitResult:
     """Train ``task`` on ``dataset``'s ``train`` split. See the module docstring for the contract.
 
@@ -188,36 +204,32 @@ def fit(
         out_dir: checkpoint folder (``None``: no checkpoints, no resume).
         resume: continue from ``out_dir``'s latest checkpoint if there is one.
         callbacks: called with every :class:`Event` (live plots, results logging).
+        loader: how images are read (workers, memory budget, bad images); default: the environment's.
     """
     device = torch.device(device)
     info = rdist.current()
     out = Path(out_dir) if out_dir is not None else None
+    settings = loader or LoaderSettings()
     if cfg.select_split is not None and cfg.select_split not in cfg.eval_splits:
         raise ValueError(f"select_split {cfg.select_split!r} must be one of eval_splits {cfg.eval_splits}")
-    train = dataset.split("train")
-    per_micro, rem = divmod(cfg.batch_size, info.world_size * cfg.accum_steps)
-    if rem or per_micro == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of world_size x accum_steps "
-                         f"({info.world_size} x {cfg.accum_steps})")
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train)} examples, fewer than batch_size {cfg.batch_size}")
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
-    total = cfg.epochs * steps_per_epoch
+    train = dataset.split("train")
+    layout = StepLayout(len(train), cfg.batch_size, info.world_size, info.rank, cfg.accum_steps, cfg.seed)
+    total = cfg.epochs * layout.steps_per_epoch
     warmup = min(cfg.warmup_steps, total)
-    images = decode_split(train, spec.size, cache_dir=cache_dir)
-    labels = torch.as_tensor(train.labels)
+    source = TrainInput(train, spec.size, layout, cfg.augmentation(), settings, pin_memory=device.type == "cuda")
 
     task.to(device)
     if cfg.grad_checkpointing and hasattr(task.clip.model, "set_grad_checkpointing"):
         task.clip.model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(task.param_groups(cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(task.param_groups(cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
     runner: nn.Module = task
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None
         runner = nn.parallel.DistributedDataParallel(
-            task, device_ids=ids, find_unused_parameters=getattr(task, "ddp_find_unused", False))
+            task, device_ids=ids, find_unused_parameters=task.ddp_find_unused, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
     ckpt = _Checkpointer(out, task, dataset, cfg.keep_checkpoints)
     emit = _emitter(callbacks)
 
@@ -239,35 +251,39 @@ def fit(
         torch.manual_seed(cfg.seed)
 
     task.train()
-    bar = progress(range(step, total), total=total - step, desc=f"train {getattr(task, 'method_name', '')}",
-                   mode=progress_mode)
-    for step in bar:
-        epoch, b = divmod(step, steps_per_epoch)
-        lr = lr_at(step, base=cfg.lr, warmup=warmup, total=total, min_lr=cfg.min_lr, mode=cfg.min_lr_mode)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = epoch_permutation(cfg.seed, epoch, len(train))[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        idx = idx.view(info.world_size, cfg.accum_steps, per_micro)[info.rank]
-        pos = torch.arange(cfg.batch_size).view(info.world_size, cfg.accum_steps, per_micro)[info.rank]
-        scalars = _optimizer_step(runner, task, opt, idx, pos, images, labels, spec, device, cfg, step, epoch,
-                                  info, last_path)
-        emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
-        end_of_epoch = (step + 1) % steps_per_epoch == 0
-        if end_of_epoch:
-            task.eval()
-            metrics = _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step + 1, emit)
-            task.train()
-            history.append({"epoch": epoch, "step": step + 1, "metrics": metrics})
-            score = metrics[cfg.select_split][dataset.headline_metric(cfg.select_split)] if cfg.select_split else 0.0
-            if best["metric"] is None or score > best["metric"] or not cfg.select_split:
-                best.update(metric=score, epoch=epoch,
-                            state={k: v.detach().cpu().clone() for k, v in task.checkpoint_state().items()})
-                ckpt.save_best({"epoch": epoch, "select_split": cfg.select_split, "score": score})
-            emit(Event("epoch", step + 1, epoch, {"metrics": metrics, "best_epoch": best["epoch"]}))
-        if end_of_epoch or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-            train_state = {"optimizer": opt.state_dict(), "step": step + 1, "rng": _rng_state(),
-                           "history": history, "best_metric": best["metric"], "best_epoch": best["epoch"]}
-            last_path = ckpt.save(step + 1, train_state) or last_path
+    bar = progress(range(step, total), total=total - step, desc=f"train {task.method_name}", mode=progress_mode)
+    batches = source.steps(step, total)
+    try:
+        for step, micro_batches in zip(bar, batches):
+            epoch = step // layout.steps_per_epoch
+            lr = lr_at(step, base=cfg.lr, warmup=warmup, total=total, min_lr=cfg.min_lr, mode=cfg.min_lr_mode)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            uneven = info.enabled and settings.on_bad_image == "skip"
+            scalars = _optimizer_step(runner, task, opt, micro_batches, spec, device, cfg, step, epoch, uneven,
+                                      last_path)
+            if settings.on_bad_image == "skip":
+                scalars["skipped_images"] = source.skipped
+            emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
+            end_of_epoch = (step + 1) % layout.steps_per_epoch == 0
+            if end_of_epoch:
+                task.eval()
+                metrics = _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step + 1, emit, settings)
+                task.train()
+                history.append({"epoch": epoch, "step": step + 1, "metrics": metrics})
+                score = (metrics[cfg.select_split][dataset.headline_metric(cfg.select_split)]
+                         if cfg.select_split else 0.0)
+                if best["metric"] is None or score > best["metric"] or not cfg.select_split:
+                    best.update(metric=score, epoch=epoch,
+                                state={k: v.detach().cpu().clone() for k, v in task.checkpoint_state().items()})
+                    ckpt.save_best({"epoch": epoch, "select_split": cfg.select_split, "score": score})
+                emit(Event("epoch", step + 1, epoch, {"metrics": metrics, "best_epoch": best["epoch"]}))
+            if end_of_epoch or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                train_state = {"optimizer": opt.state_dict(), "step": step + 1, "rng": _rng_state(),
+                               "history": history, "best_metric": best["metric"], "best_epoch": best["epoch"]}
+                last_path = ckpt.save(step + 1, train_state) or last_path
+    finally:
+        batches.close()  # stops the loader's worker processes
     if cfg.restore_best and best["state"] is not None:
         task.load_checkpoint_state(best["state"])
     task.eval()
@@ -283,31 +299,36 @@ def _emitter(callbacks: Sequence[Callback]) -> Callable[[Event], None]:
     return emit
 
 
-def _optimizer_step(runner, task, opt, idx, pos, images, labels, spec, device, cfg, step, epoch, info, last_path):
-    """Forward/backward over the accumulation micro-steps of one rank, then one AdamW step."""
-    totals: dict[str, float] = {}
-    for micro in range(cfg.accum_steps):
-        micro_idx = idx[micro]
-        batch = Batch(normalize(images[micro_idx], spec, device), labels[micro_idx].to(device), micro_idx,
-                      step, epoch, pos[micro], cfg.batch_size, _step_generator(cfg.seed, step))
-        sync = micro == cfg.accum_steps - 1 or not info.enabled
-        context = runner.no_sync() if not sync else _null()
-        with context:
+def _optimizer_step(runner, task, opt, micro_batches, spec, device, cfg, step, epoch, uneven, last_path):
+    """Forward/backward over this rank's accumulation micro-steps, then one AdamW step.
+
+    The logged scalars stay on the device until one all-reduce (over ranks) and one host copy at the
+    end of the step; a non-finite mean loss raises on every rank before the weights change.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    for micro, mb in enumerate(micro_batches):
+        batch = Batch(normalize(mb.images, spec, device), mb.labels.to(device, non_blocking=True), mb.indices,
+                      step, epoch, mb.positions, cfg.batch_size, _step_generator(cfg.seed, step), uneven)
+        sync = micro == cfg.accum_steps - 1 or runner is task
+        with runner.no_sync() if not sync else _null():
             with autocast_for(device, cfg.amp):
                 out = runner(batch)
-            loss = out["loss"].float()
-            if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written yet"
-                raise NonFiniteLossError(f"loss became {loss.item()} at step {step} (epoch {epoch}); {where}")
-            (loss / cfg.accum_steps).backward()
+            (out["loss"].float() / cfg.accum_steps).backward()
         for key, value in out.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.accum_steps
+            totals[key] = totals.get(key, 0.0) + value.detach().float() / cfg.accum_steps
     if cfg.grad_clip:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(task.trainable_parameters()), cfg.grad_clip))
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(list(task.trainable_parameters()), cfg.grad_clip)
+    keys = list(totals)
+    values = rdist.all_reduce_mean(torch.stack([totals[k].to(device).float().reshape(()) for k in keys]))
+    scalars = dict(zip(keys, values.tolist()))
+    if not math.isfinite(scalars["loss"]):
+        where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written yet"
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"loss became {scalars['loss']} at step {step} (epoch {epoch}); {where}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     task.after_optimizer_step()
-    return {k: rdist.all_reduce_mean(v) for k, v in totals.items()}
+    return scalars
 
 
 class _null:
@@ -337,22 +358,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dataset options, e.g. --data-option size=small")
     parser.add_argument("--progress", default="text", choices=["auto", "text", "off"])
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decoding processes per rank (default: $RFT_WORKERS or the CPUs per rank - 1)")
+    parser.add_argument("--memory-budget", default=None,
+                        help="RAM a training split decoded once may take, e.g. 4G (default: $RFT_MEMORY_BUDGET)")
+    parser.add_argument("--input-path", default="auto", choices=list(INPUT_PATHS),
+                        help="training input: auto (the memory budget decides), memory or stream")
+    parser.add_argument("--on-bad-image", default="raise", choices=list(BAD_IMAGE_POLICIES),
+                        help="an unreadable training image stops the run (raise) or is dropped and counted (skip)")
+    parser.add_argument("--prepared", default=None,
+                        help="train from a copy written by data_scripts/prepare_cache.py (this folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    overrides = dict(_parse_override(s) for s in args.set)
-    data_options = dict(_parse_override(s) for s in args.data_option)
+    overrides = dict(parse_override(s) for s in args.set)
+    data_options = dict(parse_override(s) for s in args.data_option)
     info = rdist.init_distributed(args.device)
     device = torch.device(args.device, info.local_rank) if args.device == "cuda" else torch.device(args.device)
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    loader = LoaderSettings(workers=args.workers, memory_budget=args.memory_budget, input_path=args.input_path,
+                            on_bad_image=args.on_bad_image, prepared=args.prepared)
     result = run_method(args.method, dataset=args.dataset, data_root=args.data_root, model=args.model,
                         pretrained=pretrained, device=device, out_dir=args.out_dir, seed=args.seed,
                         results_db=args.results_db, overrides=overrides, progress=args.progress,
-                        dataset_options=data_options)
+                        dataset_options=data_options, loader=loader)
     if info.is_main:
         print(json.dumps(result.summary(), indent=1, default=str))
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+    """``"KEY=VALUE"`` -> ``(KEY, VALUE)``, the value read as JSON when it is JSON (numbers, lists,
+    true/false, null), else kept as text."""
     key, sep, value = text.partition("=")
     if not sep:
         raise SystemExit(f"override {text!r} is not KEY=VALUE")

@@ -11,7 +11,6 @@ from PIL import Image
 
 from rftlib.data.pipeline import ImageSpec, decode_split, normalize
 from rftlib.methods import get_config, run_method
-from rftlib.methods.base import Batch
 from rftlib.methods.croft import (
     CroftTask,
     FrozenTowerMemo,
@@ -30,6 +29,7 @@ from rftlib.methods.croft import (
 )
 from rftlib.models import build_zeroshot_head, load_classifier
 from rftlib.results import load
+from rftlib.task import Batch
 
 from .helpers import run_single_and_two_ranks, tiny_clip
 

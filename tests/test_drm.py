@@ -12,7 +12,6 @@ from rftlib.data import get_dataset
 from rftlib.data.pipeline import ImageSpec
 from rftlib.evaluate import evaluate
 from rftlib.methods import run_method
-from rftlib.methods.base import Batch
 from rftlib.methods.concepts import ConceptDescriptionError, load_concept_descriptions
 from rftlib.methods.drm import (
     Config,
@@ -23,6 +22,7 @@ from rftlib.methods.drm import (
     soft_labels,
 )
 from rftlib.results import load
+from rftlib.task import Batch
 
 from .helpers import tiny_clip
 

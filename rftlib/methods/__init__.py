@@ -3,7 +3,7 @@
 Every method module defines ``NAME``, a config dataclass ``Config`` (with a docstring per knob),
 ``PRESETS`` (per-dataset overrides: ``synthwild`` is the CPU-minutes default; ``iwildcam``,
 ``fmow`` and ``imagenet`` follow the papers' recipes) and ``run(ctx, cfg) -> RunResult``.
-Trainable methods also define a :class:`~rftlib.methods.base.Task` that the shared loop
+Trainable methods also define a :class:`~rftlib.task.Task` that the shared loop
 (:func:`rftlib.train.fit`) trains. :func:`run_method` is the single entry point used by the
 notebooks, the CLI (``python -m rftlib.train``) and the reports.
 """
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..data.loading import LoaderSettings
+from ..dist import broadcast_object
 from ..registry import Registry
 from .common import RunContext, RunResult, resolve_config
 
@@ -49,7 +51,7 @@ def run_method(
     pretrained: str | None = "synthclip", device: str | torch.device = "cpu", seed: int = 0,
     results_db: str | None = None, out_dir: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
     progress: str | None = None, callbacks: Sequence[Callable] = (), clip=None, data=None,
-    dataset_options: Mapping[str, Any] | None = None,
+    dataset_options: Mapping[str, Any] | None = None, loader: LoaderSettings | None = None,
 ) -> RunResult:
     """Run one method end to end and record its results.
 
@@ -66,6 +68,11 @@ def run_method(
         overrides: config overrides, e.g. ``{"epochs": 2, "lr": 1e-5}``.
         progress: ``auto`` | ``text`` | ``off``.
         callbacks: receive training events (live curves).
+        loader: how images are read (workers, memory budget, bad images, prepared copy); default:
+            the environment's (:class:`rftlib.data.loading.LoaderSettings`).
+
+    Under ``torchrun`` every rank calls this; the main rank's run id names the run on every rank,
+    and only the main rank writes to the results store.
     """
     from ..data import get_dataset
     from ..models import load_clip
@@ -78,13 +85,13 @@ def run_method(
                                                                       **(overrides or {})})
     clip = clip if clip is not None else load_clip(model, pretrained, device=device)
     store = ResultsStore(results_db)
-    run_id = store.new_run_id(module.NAME, data.name)
+    run_id = broadcast_object(store.new_run_id(module.NAME, data.name))
     out = Path(out_dir) if out_dir is not None else runs_dir() / run_id
     store.start_run(run_id, method=module.NAME, dataset=data.name, model=clip.name, pretrained=clip.pretrained,
                     seed=seed, config=cfg)
     ctx = RunContext(clip=clip, dataset=data, device=torch.device(device), store=store, run_id=run_id,
                      method=module.NAME, seed=seed, out_dir=out, callbacks=list(callbacks), progress=progress,
-                     config=cfg)
+                     config=cfg, loader=loader or LoaderSettings())
     try:
         result = module.run(ctx, cfg)
     except BaseException:

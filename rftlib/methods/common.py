@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from ..data.base import RFTDataset
+from ..data.loading import LoaderSettings
 from ..data.pipeline import ImageSpec
 from ..evaluate import EvalResult, evaluate
 from ..models import ClipModel
 from ..registry import UnknownNameError
 from ..results import ResultsStore
+from ..train import FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,34 @@ class RunContext:
     callbacks: list[Callable] = field(default_factory=list)
     progress: str | None = None
     config: Any = None
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
 
     @property
     def spec(self) -> ImageSpec:
         return ImageSpec.of(self.clip)
+
+    def fit(self, task, train: TrainConfig, *, callbacks: Sequence[Callable] | None = None,
+            out_dir: Path | None = None) -> FitResult:
+        """Train ``task`` with the shared loop on this run's data, model, device and loader settings.
+
+        Args:
+            train: the optimisation settings (the method config's ``train``).
+            callbacks: the method's own event handlers (default: per-epoch evaluations go to the
+                results store); the run's callbacks (live plots) always follow them.
+            out_dir: checkpoint folder (default: the run's own, ``self.out_dir``).
+        """
+        own = [self.results_logger()] if callbacks is None else list(callbacks)
+        return fit(task, self.dataset, train, spec=self.spec, device=self.device,
+                   out_dir=out_dir if out_dir is not None else self.out_dir, callbacks=[*own, *self.callbacks],
+                   progress_mode=self.progress, loader=self.loader)
 
     def eval_splits(self) -> list[str]:
         """The ID and OOD evaluation splits (everything but train and open-set)."""
         return [n for n, s in self.dataset.splits.items() if s.role in ("id", "ood")]
 
     def evaluate(self, model: nn.Module, split: str, **knobs) -> EvalResult:
-        res = evaluate(model, self.dataset, split, self.spec, device=self.device, progress_mode=self.progress)
+        res = evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
+                       progress_mode=self.progress)
         self.log(res.split, res.role, res.metrics, **knobs)
         return res
 
@@ -135,6 +154,17 @@ def _apply(cfg, key: str, value: Any):
         sub = getattr(cfg, name)
         if dataclasses.is_dataclass(sub) and key in {f.name for f in dataclasses.fields(sub)}:
             return dataclasses.replace(cfg, **{name: _apply(sub, key, value)})
-    valid = sorted(names | {f.name for n in names if dataclasses.is_dataclass(getattr(cfg, n))
-                            for f in dataclasses.fields(getattr(cfg, n))})
-    raise UnknownNameError(f"unknown option {key!r} for {type(cfg).__name__}; valid options: {', '.join(valid)}")
+    valid = ", ".join(sorted(config_options(cfg)))
+    raise UnknownNameError(f"unknown option {key!r} for {type(cfg).__name__}; valid options: {valid}")
+
+
+def config_options(cfg) -> set[str]:
+    """The flat override names a config (class or instance) accepts: its fields and those of its
+    nested configs (``epochs`` for ``train.epochs``)."""
+    cfg = cfg() if isinstance(cfg, type) else cfg
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name in list(names):
+        sub = getattr(cfg, name)
+        if dataclasses.is_dataclass(sub):
+            names |= {f.name for f in dataclasses.fields(sub)}
+    return names

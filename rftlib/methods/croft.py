@@ -46,12 +46,14 @@ the penalty is on the *sum* of their gradients, as released), ``edr_reduction`` 
 Differences from the released trainer, by necessity: the shared loop (:func:`rftlib.train.fit`)
 owns the one optimiser step per batch (AdamW, warmup + cosine per step), so the inner generator
 steps are plain SGD steps of size ``gen_lr`` times the loop's schedule factor (the release used
-its SGD optimisers with momentum and weight decay there); no augmentation (the release used
-random-resized-crop + flip).
+its SGD optimisers with momentum and weight decay there). Training views as released:
+random-resized-crop (Dassl's default scale 0.08-1) + horizontal flip in the real-data presets
+(``DASSL_VIEWS``); synthwild's CPU preset trains on the evaluation view.
 
-Cached features: the CLIP is frozen and the loop does not augment, so the training split's
-image features are computed once and looked up by ``Batch.indices`` (exact only without
-augmentation; ``cache_features=False`` recomputes them from the batch images). Evaluation also
+Cached features: the CLIP is frozen, so without augmentation the training split's image features
+are computed once and looked up by ``Batch.indices`` (``cache_features=True``, synthwild); with
+augmentation every batch's views are encoded afresh (``cache_features=False``; asking for both is
+refused, since the cache would silently skip the augmentation). Evaluation also
 memoises the frozen tower's outputs per input batch (keyed by a hash of the pixels, CPU only), so
 per-epoch validation, the final evaluation and the detection pass encode each split once. Every
 training op is tiny (a few ``d x d`` matrices), so training runs with one intra-op CPU thread
@@ -98,13 +100,13 @@ from torch import nn
 
 from .. import dist as rdist
 from ..data.base import RFTDataset, Split
-from ..data.pipeline import ImageSpec, decode_split
-from ..evaluate import run_model
+from ..data.pipeline import ImageSpec
+from ..evaluate import encode_split
 from ..metrics import ood_detection_metrics
 from ..models import ClipModel, class_prompts, encode_class_prompts, save_checkpoint
 from ..schedule import lr_at
-from ..train import TrainConfig, fit
-from .base import Batch, Task
+from ..task import Batch, Task
+from ..train import TrainConfig
 from .common import RunContext, RunResult, metrics_of
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ class Config:
     edr_reduction: str = "setup1"    # "setup1": Phi summed, mean(g^2) | "setup2": Phi averaged, sum(g^2)
     templates: tuple[str, ...] | None = None  # class prompt templates; None = the dataset's
     text_ensemble: bool = True       # normalised template ensemble (True) or the first template, raw
-    cache_features: bool = True     # look train features up by Batch.indices (exact without augmentation)
+    cache_features: bool = True     # look train features up by Batch.indices (only without augmentation)
     memo_eval_features: bool = True  # memoise frozen-tower outputs per evaluation batch (CPU)
     scores: tuple[str, ...] = ("energy", "knn")  # further detection scores to compute: energy | knn | msp
     score: str = "energy"            # the headline detection score (always computed, listed first)
@@ -159,20 +161,24 @@ class Config:
     cpu_threads: int | None = 1      # intra-op CPU threads while training (tiny ops; None: leave torch's)
 
 
+DASSL_VIEWS = {"augment": "rrc_flip", "crop_scale": (0.08, 1.0), "cache_features": False}
+"""CRoFT's training views (Dassl's random_resized_crop at its default scale + random_flip), which the
+frozen tower must encode every step (cached features would skip the augmentation)."""
+
 PRESETS = {
     # CPU, about two minutes: the paper's batch and epochs, lr/gen_lr chosen on id_val macro-F1
     "synthwild": {"epochs": 30, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1, "warmup_steps": 20,
-                  "gen_lr": 3e-3},
+                  "gen_lr": 3e-3, "augment": "none"},
     "imagenet": {"epochs": 30, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 200,
-                 "select_split": None, "eval_splits": [], "templates": list(IMAGENET_TEMPLATES)},
+                 "select_split": None, "eval_splits": [], "templates": list(IMAGENET_TEMPLATES), **DASSL_VIEWS},
     "domains": {"epochs": 30, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20,
                 "lambda1": 5.0, "lambda2": 1000.0, "ratio_image": 0.5, "ratio_text": 0.0,
-                "edr_reduction": "setup2", "text_ensemble": False, "templates": ["a photo of a {}."]},
+                "edr_reduction": "setup2", "text_ensemble": False, "templates": ["a photo of a {}."], **DASSL_VIEWS},
     # not from the paper: Setup-I hyper-parameters with a batch and epoch budget for the large WILDS sets
     "iwildcam": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 500,
-                 "gen_lr": 1e-3, "knn_bank_per_class": 500},
+                 "gen_lr": 1e-3, "knn_bank_per_class": 500, **DASSL_VIEWS},
     "fmow": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 500,
-             "gen_lr": 1e-3, "knn_bank_per_class": 500},
+             "gen_lr": 1e-3, "knn_bank_per_class": 500, **DASSL_VIEWS},
 }
 
 
@@ -186,6 +192,10 @@ def resolve_mode(cfg: Config) -> Config:
         _check_choice("score", kind, SCORES)
     if cfg.gen_steps < 0 or cfg.knn_k < 1:
         raise ValueError(f"gen_steps must be >= 0 and knn_k >= 1, got {cfg.gen_steps} and {cfg.knn_k}")
+    if cfg.cache_features and cfg.train.augmentation().active:
+        raise ValueError(f"cache_features=True looks training features up from the evaluation view, so augment="
+                         f"{cfg.train.augment!r} would never reach the model; set cache_features=False (encode "
+                         "each augmented batch) or augment='none'")
     faithful = cfg.mode == "faithful"
     return replace(
         cfg,
@@ -452,7 +462,7 @@ class CroftTask(Task):
         else:
             with torch.no_grad():
                 v = self.clip.visual(batch.images).float()
-        return rdist.all_gather_with_grad(v.contiguous()), rdist.all_gather_with_grad(batch.labels)
+        return batch.gather(v.contiguous()), batch.gather(batch.labels)
 
     # ---- the objective -------------------------------------------------------------------------
     def forward_features(self, v: torch.Tensor, image_adapter: torch.Tensor | None = None,
@@ -596,8 +606,7 @@ def export_classifier(clip: ClipModel, classifier: CroftClassifier, path: str | 
 def split_outputs(classifier: CroftClassifier, split: Split, spec: ImageSpec, *,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, normalised adapted features)`` of a split (one pass of the frozen tower)."""
-    images = decode_split(split, spec.size)
-    feats = run_model(_Features(classifier), images, spec, device=device)
+    feats = encode_split(_Features(classifier), split, spec, device=device)
     with torch.no_grad():
         return classifier.logits_from_features(feats.to(classifier.class_embeddings.device)).cpu(), feats
 
@@ -687,9 +696,8 @@ def open_set_splits(ctx: RunContext, cfg: Config) -> dict[str, Split]:
 # --------------------------------------------------------------------------------------------------
 def train_image_features(ctx: RunContext) -> torch.Tensor:
     """Raw frozen CLIP image features of the train split (eval transform), on the run's device."""
-    images = decode_split(ctx.dataset.split("train"), ctx.spec.size)
-    return run_model(ctx.clip.visual, images, ctx.spec, device=ctx.device, progress_mode=ctx.progress,
-                     desc="train features").to(ctx.device)
+    return encode_split(ctx.clip.visual, ctx.dataset.split("train"), ctx.spec, device=ctx.device,
+                        settings=ctx.loader, progress_mode=ctx.progress, desc="train features").to(ctx.device)
 
 
 @contextmanager
@@ -752,8 +760,7 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
     task = CroftTask(ctx.clip, text, cfg, train_features if cfg.cache_features else None,
                      _gen_schedule(cfg, steps_per_epoch))
     with cpu_threads(cfg.cpu_threads if ctx.device.type == "cpu" else None):
-        result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
-                     callbacks=[ctx.results_logger(), *ctx.callbacks], progress_mode=ctx.progress)
+        result = ctx.fit(task, cfg.train)
     model = task.classifier()
     model.knn_k = cfg.knn_k
     if "knn" in (*cfg.scores, cfg.score):

@@ -84,8 +84,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts, load_checkpoint
-from ..train import TrainConfig, fit
-from .base import Batch
+from ..task import Batch
+from ..train import TrainConfig
 from .common import RunContext, RunResult, metrics_of, resolve_config
 from .flyp import Config as FlypConfig
 from .flyp import FlypTask
@@ -120,13 +120,15 @@ class Config:
 
 PRESETS = {
     # CPU minutes: the reference run (mask_ratio=0) and the DPS run use the same short schedule
-    "synthwild": {"epochs": 2, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 20},
+    "synthwild": {"epochs": 2, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 20,
+                  "augment": "none"},
     # changliu816/DPS README: ViT-B/16, 20 epochs, lr 1e-5, wd 0.2, batch 64, warmup 500, CE with language head
-    "iwildcam": {"epochs": 20, "batch_size": 64, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
+    "iwildcam": {"epochs": 20, "batch_size": 64, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500,
+                 "augment": "rrc"},
     # not from the DPS paper (it has no FMoW/ImageNet recipe): FLYP's README recipes
-    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
+    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500, "augment": "rrc"},
     "imagenet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500,
-                 "select_split": None, "eval_splits": []},
+                 "select_split": None, "eval_splits": [], "augment": "rrc"},
 }
 
 
@@ -568,9 +570,7 @@ def train_masked(ctx: RunContext, cfg: Config, masks: Mapping[str, torch.Tensor]
                     mask_ratio=cfg.mask_ratio)
 
     try:
-        result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device,
-                     out_dir=out_dir if out_dir is not None else ctx.out_dir, callbacks=[log_eval, *ctx.callbacks],
-                     progress_mode=ctx.progress)
+        result = ctx.fit(task, cfg.train, callbacks=[log_eval], out_dir=out_dir)
         changed = task.freezer.changed()
     finally:
         task.freezer.release()

@@ -60,13 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.base import RFTDataset
-from ..data.pipeline import ImageSpec, decode_split
-from ..dist import all_gather_with_grad
-from ..evaluate import EvalResult, run_model
+from ..data.base import RFTDataset, Split
+from ..data.loading import LoaderSettings
+from ..data.pipeline import ImageSpec
+from ..evaluate import EvalResult, encode_split
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts
-from ..train import TrainConfig, fit
-from .base import Batch
+from ..task import Batch
+from ..train import TrainConfig
 from .common import RunContext, RunResult
 from .concepts import (
     ClassPrompts,
@@ -136,12 +136,13 @@ def soft_labels(cd_logits: torch.Tensor, axis: str = "class") -> torch.Tensor:
     return torch.where(total > 0, scaled / total.clamp_min(torch.finfo(probs.dtype).tiny), probs)
 
 
-def zeroshot_cd_logits(clip: ClipModel, descriptions: Sequence[ClassPrompts], images: torch.Tensor, spec: ImageSpec,
-                       *, device=None, batch_size: int = 256, amp: bool = True) -> torch.Tensor:
-    """Logits ``s * cos(f(x), w^cd)`` of ``clip``'s concept-description head on uint8 images (N, 3, S, S)."""
+def zeroshot_cd_logits(clip: ClipModel, descriptions: Sequence[ClassPrompts], split: Split, spec: ImageSpec,
+                       *, device=None, batch_size: int = 256, amp: bool = True,
+                       settings: LoaderSettings | None = None) -> torch.Tensor:
+    """Logits ``s * cos(f(x), w^cd)`` of ``clip``'s concept-description head on a split's images."""
     head = build_zeroshot_head(clip, prompts=descriptions).to(clip.device)
-    return run_model(ImageClassifier(clip.visual, head), images, spec, device=device, batch_size=batch_size, amp=amp,
-                     desc="drm soft labels")
+    return encode_split(ImageClassifier(clip.visual, head), split, spec, device=device, batch_size=batch_size,
+                        amp=amp, settings=settings, desc="drm soft labels")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,8 +205,8 @@ def build_dual_classifier(clip: ClipModel, classnames: Sequence[str], templates:
 def head_logits(model: DualHeadClassifier, dataset: RFTDataset, split: str, spec: ImageSpec, *, device=None,
                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """The df and cd logits of one split from a single image-encoder pass (ImageNet-R/A projected)."""
-    images = decode_split(dataset.split(split), spec.size)
-    both = run_model(_BothHeads(model), images, spec, device=device, batch_size=batch_size, desc=f"eval {split}")
+    both = encode_split(_BothHeads(model), dataset.split(split), spec, device=device, batch_size=batch_size,
+                        desc=f"eval {split}")
     df, cd = both.chunk(2, dim=-1)
     if split in dataset.info.get("logit_projection", {}):  # project each head before its softmax, as DRM does
         from ..data.imagenet import project_logits
@@ -286,8 +287,8 @@ class DRMTask(FlypTask):
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         features = self.model.encode_image(batch.images)
         scale = self.model.logit_scale.exp()
-        img = all_gather_with_grad(features)
-        txt = all_gather_with_grad(self.encode_captions(self.captions(batch)))
+        img = batch.gather(features)
+        txt = batch.gather(self.encode_captions(self.captions(batch)))
         erm = contrastive_loss(img, txt, scale)
         wrm = self.worst_case_proxy(features, batch, scale)
         return {"loss": erm + self.drm.lam * wrm, "erm": erm.detach(), "wrm": wrm.detach(),
@@ -335,8 +336,8 @@ def _check_config(cfg: Config) -> None:
 
 def train_soft_labels(ctx: RunContext, descriptions: Sequence[ClassPrompts], axis: str) -> torch.Tensor:
     """Soft labels of the training split from ``ctx.clip`` as it is now (call before training)."""
-    images = decode_split(ctx.dataset.split("train"), ctx.spec.size)
-    logits = zeroshot_cd_logits(ctx.clip, descriptions, images, ctx.spec, device=ctx.device)
+    logits = zeroshot_cd_logits(ctx.clip, descriptions, ctx.dataset.split("train"), ctx.spec, device=ctx.device,
+                                settings=ctx.loader)
     return soft_labels(logits, axis)
 
 
@@ -357,8 +358,7 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
         if event.kind == "eval":
             ctx.log(event.data["split"], event.data["role"], event.data["metrics"], epoch=event.epoch, beta=cfg.beta)
 
-    result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
-                 callbacks=[log_eval, *ctx.callbacks], progress_mode=ctx.progress)
+    result = ctx.fit(task, cfg.train, callbacks=[log_eval])
     model = task.classifier()
     betas = sorted({float(b) for b in cfg.betas} | {float(cfg.beta)})
     table = beta_sweep(model, ctx.dataset, ctx.eval_splits(), betas, ctx.spec, device=ctx.device,

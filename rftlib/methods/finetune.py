@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import ClipModel, ImageClassifier, ZeroShotHead, build_zeroshot_head
-from ..train import TrainConfig, fit
-from .base import Batch, Task
+from ..task import Batch, Task
+from ..train import TrainConfig
 from .common import RunContext, RunResult, metrics_of
 
 NAME = "finetune"
@@ -38,11 +38,13 @@ class Config:
 
 
 PRESETS = {
-    "synthwild": {"epochs": 4, "batch_size": 128, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 30},
-    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
-    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
+    "synthwild": {"epochs": 4, "batch_size": 128, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 30,
+                  "augment": "none"},
+    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500,
+                 "augment": "rrc"},
+    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500, "augment": "rrc"},
     "imagenet": {"epochs": 10, "batch_size": 512, "lr": 3e-5, "weight_decay": 0.1, "warmup_steps": 500,
-                 "grad_clip": 1.0, "select_split": None, "eval_splits": []},
+                 "grad_clip": 1.0, "select_split": None, "eval_splits": [], "augment": "rrc"},
 }
 
 
@@ -86,8 +88,7 @@ def train_classifier(ctx: RunContext, head: ZeroShotHead, cfg: Config, method_na
     """Fine-tune ``ctx.clip``'s image tower with ``head`` (shared by FT and LP-FT)."""
     task = FinetuneTask(ctx.clip, head.to(ctx.device), cfg.label_smoothing, method_config=cfg)
     task.method_name = method_name
-    result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
-                 callbacks=[ctx.results_logger(), *ctx.callbacks], progress_mode=ctx.progress)
+    result = ctx.fit(task, cfg.train)
     model = task.classifier()
     final = ctx.evaluate_all(model, epoch=result.best_epoch)
     return RunResult(ctx.run_id, method_name, ctx.dataset.name, metrics_of(final), classifier=model,

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dist import all_gather_with_grad
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head
-from ..train import TrainConfig, fit
-from .base import Batch, Task
+from ..task import Batch, Task
+from ..train import TrainConfig
 from .common import RunContext, RunResult, metrics_of
 
 NAME = "flyp"
@@ -52,11 +51,13 @@ class Config:
 
 
 PRESETS = {
-    "synthwild": {"epochs": 4, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 30},
-    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
-    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500},
+    "synthwild": {"epochs": 4, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 30,
+                  "augment": "none"},
+    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500,
+                 "augment": "rrc"},
+    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup_steps": 500, "augment": "rrc"},
     "imagenet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500,
-                 "select_split": None, "eval_splits": []},
+                 "select_split": None, "eval_splits": [], "augment": "rrc"},
 }
 
 
@@ -113,9 +114,9 @@ class FlypTask(CaptionMixin, Task):
             p.requires_grad_(True)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        img = all_gather_with_grad(self.model.encode_image(batch.images))
-        txt = all_gather_with_grad(self.encode_captions(self.captions(batch)))
-        labels = all_gather_with_grad(batch.labels) if self.cfg.label_aware == "mask" else None
+        img = batch.gather(self.model.encode_image(batch.images))
+        txt = batch.gather(self.encode_captions(self.captions(batch)))
+        labels = batch.gather(batch.labels) if self.cfg.label_aware == "mask" else None
         loss = contrastive_loss(img, txt, self.model.logit_scale.exp(), labels)
         return {"loss": loss, "logit_scale": self.model.logit_scale.exp().detach()}
 
@@ -145,8 +146,7 @@ class FlypTask(CaptionMixin, Task):
 def run(ctx: RunContext, cfg: Config) -> RunResult:
     templates = list(cfg.templates or ctx.dataset.templates)
     task = FlypTask(ctx.clip, ctx.dataset.classnames, templates, cfg)
-    result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
-                 callbacks=[ctx.results_logger(), *ctx.callbacks], progress_mode=ctx.progress)
+    result = ctx.fit(task, cfg.train)
     model = task.classifier()
     final = ctx.evaluate_all(model, epoch=result.best_epoch)
     return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics_of(final), classifier=model,

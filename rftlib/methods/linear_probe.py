@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.pipeline import decode_split
-from ..evaluate import run_model
+from ..evaluate import encode_split
 from ..models import ImageClassifier, ZeroShotHead, classifier_state, save_checkpoint
 from .common import RunContext, RunResult, metrics_of
 
@@ -43,10 +42,10 @@ PRESETS = {"imagenet": {"select_split": "train"}}
 
 
 def image_features(ctx: RunContext, split: str) -> torch.Tensor:
-    """L2-normalised image features of a split (decoded pixels are cached across calls)."""
-    s = ctx.dataset.split(split)
-    images = decode_split(s, ctx.spec.size)
-    feats = run_model(ctx.clip.visual, images, ctx.spec, device=ctx.device, progress_mode=ctx.progress)
+    """L2-normalised image features of a split (evaluation views: the train split streams once,
+    evaluation splits come from the decoded cache)."""
+    feats = encode_split(ctx.clip.visual, ctx.dataset.split(split), ctx.spec, device=ctx.device, settings=ctx.loader,
+                         progress_mode=ctx.progress, desc=f"features {split}")
     return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 

@@ -84,10 +84,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist as rdist
-from ..dist import all_gather_with_grad
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, save_checkpoint
-from ..train import TrainConfig, fit
-from .base import Batch, Task
+from ..task import Batch, Task
+from ..train import TrainConfig
 from .common import RunContext, RunResult
 from .flyp import CaptionMixin
 
@@ -123,14 +122,14 @@ PRESETS = {
     # 5e-4, 2e-3, 5e-3, 1e-2), a short EMA so that the shadow reflects this short run, and no
     # per-epoch validation (with one epoch there is nothing to select)
     "synthwild": {"epochs": 1, "batch_size": 128, "lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 10,
-                  "grad_clip": 1.0, "ema": 0.95, "select_split": None, "eval_splits": []},
+                  "grad_clip": 1.0, "ema": 0.95, "select_split": None, "eval_splits": [], "augment": "none"},
     "imagenet": {"epochs": 10, "batch_size": 512, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 500,
-                 "grad_clip": 1.0, "granularity": "token", "select_split": None, "eval_splits": []},
+                 "grad_clip": 1.0, "granularity": "token", "select_split": None, "eval_splits": [], "augment": "rrc"},
     # not from the paper: the ImageNet adapter settings with FLYP's WILDS data budget
     "iwildcam": {"epochs": 10, "batch_size": 256, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 500,
-                 "grad_clip": 1.0},
+                 "grad_clip": 1.0, "augment": "rrc"},
     "fmow": {"epochs": 10, "batch_size": 256, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 500,
-             "grad_clip": 1.0},
+             "grad_clip": 1.0, "augment": "rrc"},
 }
 
 
@@ -617,9 +616,9 @@ class RAdapterTask(CaptionMixin, Task):
             raise ValueError("rank_vision = rank_text = 0 leaves nothing to train")
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        img = all_gather_with_grad(self.model.encode_image(batch.images))
-        txt = all_gather_with_grad(self.encode_captions(self.captions(batch)))
-        labels = all_gather_with_grad(batch.labels)
+        img = batch.gather(self.model.encode_image(batch.images))
+        txt = batch.gather(self.encode_captions(self.captions(batch)))
+        labels = batch.gather(batch.labels)
         scale = self.model.logit_scale.exp().detach()
         loss = mpm_nce_loss(img, txt, labels, scale, self.cfg.margin, self.cfg.label_smoothing)
         return {"loss": loss}
@@ -706,8 +705,7 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
     _check_config(cfg)
     templates = list(cfg.templates or ctx.dataset.templates)
     task = RAdapterTask(ctx.clip, ctx.dataset.classnames, templates, cfg)
-    result = fit(task, ctx.dataset, cfg.train, spec=ctx.spec, device=ctx.device, out_dir=ctx.out_dir,
-                 callbacks=[ctx.results_logger(), *ctx.callbacks], progress_mode=ctx.progress)
+    result = ctx.fit(task, cfg.train)
     use_ema = cfg.ema is not None
     alphas = sorted({float(cfg.eval_scale), *map(float, cfg.sweep_scales)})
     table = scale_sweep(ctx, alphas, templates=templates, use_ema=use_ema, epoch=result.best_epoch)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .dist import all_gather_with_grad
+
 
 @dataclass
 class Batch:
@@ -39,6 +41,8 @@ class Batch:
         generator: a CPU ``torch.Generator`` seeded from (seed, step), identical on every rank
             and micro-step; draw through :meth:`randint` so that each example gets the same
             random value whatever the number of ranks or accumulation steps (resume-safe too).
+        uneven: ranks may hold different numbers of examples this step (unreadable images were
+            skipped); :meth:`gather` then pads for the collective.
     """
 
     images: torch.Tensor
@@ -49,6 +53,12 @@ class Batch:
     positions: torch.Tensor
     global_batch_size: int
     generator: torch.Generator
+    uneven: bool = False
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-example tensor of this rank's part, concatenated over all ranks' parts of the global
+        batch, with gradients (the batch of a contrastive loss); itself in a single process."""
+        return all_gather_with_grad(t, uneven=self.uneven)
 
     def randint(self, high: int) -> torch.Tensor:
         """One random integer in [0, high) per example, independent of how the batch is split."""
@@ -57,7 +67,17 @@ class Batch:
 
 
 class Task(nn.Module):
-    """Base class of trainable methods (see the module docstring)."""
+    """Base class of trainable methods (see the module docstring).
+
+    Attributes:
+        method_name: the registry name the loop reports and checkpoints under.
+        method_config: the method's resolved config, stored in checkpoint sidecars.
+        ddp_find_unused: some trainable parameters get no gradient in some steps (DDP must look).
+    """
+
+    method_name: str = ""
+    method_config = None
+    ddp_find_unused: bool = False
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
