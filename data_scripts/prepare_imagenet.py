@@ -55,7 +55,7 @@ PARTS = (
         "which sorts the 50,000 images into val/<wnid>/ folders.")),
     Part("ImageNet train", ("imagenet/train",), 1000, 1_281_167, count_images=False, how_to_get=(
         "as for val, with ILSVRC2012_img_train.tar and split='train' (about 140 GB); only needed "
-        "to fine-tune on ImageNet (load_imagenet(train=True)).")),
+        "to fine-tune on ImageNet (training methods load it whenever it is present).")),
     Part("ImageNet-V2", SHIFT_FOLDERS["imagenet-v2"], 1000, 10_000, how_to_get=(
         "get imagenetv2-matched-frequency.tar.gz (the ImageNetV2 release, e.g. the Hugging Face "
         "dataset vaishaal/ImageNetV2), extract it and rename the folder to <root>/imagenet-v2.")),

@@ -90,11 +90,19 @@ class Session:
         return load_clip(self.model, self.pretrained, device=self.device)
 
     def run(self, method: str, *, callbacks=(), **overrides):
-        """Run a method on the session's data and a fresh model; ``overrides`` go to its config."""
-        from .methods import run_method
+        """Run a method on the session's data and a fresh model; ``overrides`` go to its config.
 
+        The session's ``epochs``/``batch_size`` reach every method whose config has them (not the
+        zero-shot model or the linear probe); an explicit override wins, e.g. ``epochs=None`` for a
+        WiSE-FT merge of a finished run, which trains nothing.
+        """
+        from .methods import get_method, run_method
+        from .methods.common import config_options
+
+        accepted = config_options(get_method(method).Config)
+        shared = {k: v for k, v in self.overrides.items() if k in accepted}
         return run_method(method, data=self.load_data(), clip=self.load_model(), device=self.device, seed=self.seed,
-                          results_db=self.results_db, overrides={**self.overrides, **overrides},
+                          results_db=self.results_db, overrides={**shared, **overrides},
                           progress=self.progress, callbacks=callbacks)
 
     def results(self, **filters) -> pd.DataFrame:
@@ -153,9 +161,9 @@ def unit_grid(points: int) -> list[float]:
     return [round(float(x), 4) for x in np.linspace(0.0, 1.0, points)]
 
 
-def id_ood_table(sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test",
-                 ood_split: str = "test") -> pd.DataFrame:
-    """A sweep as a small knob x (ID, OOD) table for display."""
+def id_ood_table(sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
+                 ood_split: str | None = None) -> pd.DataFrame:
+    """A sweep as a small knob x (ID, OOD) table for display (axes: :func:`rftlib.viz.sweep_axes`)."""
     from .viz import id_ood_points
 
     return id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split).set_index(knob).round(4)

@@ -106,8 +106,32 @@ def _endpoint_label(knob: str, value: float) -> str:
 
 
 # --------------------------------------------------------------------------- ID/OOD points
+def sweep_axes(sweep: pd.DataFrame, metric: str | None = None, id_split: str | None = None,
+               ood_split: str | None = None) -> tuple[str, str, str]:
+    """The metric and the (ID, OOD) splits a sweep is drawn with, filling in the ones not given.
+
+    The metric: the first of :data:`HEADLINE_PREFERENCE` the table has (``macro_f1`` for WILDS and
+    synthwild, ``accuracy`` for ImageNet and folders). The splits: ``id_test`` and ``test`` (WILDS
+    names) when present, else the table's first split of role ``id`` and of role ``ood`` (e.g.
+    ImageNet's ``imagenet-v2``).
+    """
+    if metric is None:
+        present = set(sweep["metric"].dropna())
+        metric = next((m for m in HEADLINE_PREFERENCE if m in present), None) or sorted(present or {"macro_f1"})[0]
+    return metric, id_split or _split_of(sweep, "id", "id_test"), ood_split or _split_of(sweep, "ood", "test")
+
+
+def _split_of(sweep: pd.DataFrame, role: str, preferred: str) -> str:
+    splits = list(dict.fromkeys(sweep["split"].dropna()))
+    if preferred in splits or "role" not in sweep:
+        return preferred
+    of_role = list(dict.fromkeys(sweep.loc[sweep["role"] == role, "split"].dropna()))
+    return of_role[0] if of_role else preferred
+
+
 def id_ood_points(
-    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
+    sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
+    ood_split: str | None = None,
 ) -> pd.DataFrame:
     """Pivot a tidy sweep table into one row per knob value with its ID and OOD metric.
 
@@ -115,11 +139,11 @@ def id_ood_points(
     duplicate rows for one knob value (several seeds) are averaged.
 
     Args:
-        sweep: Tidy frame with columns ``<knob>``, ``split``, ``metric``, ``value``.
+        sweep: Tidy frame with columns ``<knob>``, ``split``, ``metric``, ``value`` (and ``role``).
         knob: The knob column, e.g. ``"alpha"``.
-        metric: The metric to read (``macro_f1`` is the headline for iWildCam and synthwild).
-        id_split: The split whose metric goes on the x axis.
-        ood_split: The split whose metric goes on the y axis.
+        metric: The metric to read (default: :func:`sweep_axes`'s choice).
+        id_split: The split whose metric goes on the x axis (default: :func:`sweep_axes`'s choice).
+        ood_split: The split whose metric goes on the y axis (default: :func:`sweep_axes`'s choice).
 
     Returns:
         A frame with columns ``[knob, "id", "ood"]`` sorted by the knob; knob values lacking
@@ -129,6 +153,7 @@ def id_ood_points(
         ValueError: if a column, the metric or one of the splits is missing.
     """
     _require_columns(sweep, [knob, "split", "metric", "value"], "sweep table")
+    metric, id_split, ood_split = sweep_axes(sweep, metric, id_split, ood_split)
     rows = sweep[(sweep["metric"] == metric) & sweep[knob].notna()]
     for split in (id_split, ood_split):
         if not (rows["split"] == split).any():

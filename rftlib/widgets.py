@@ -206,9 +206,9 @@ class KnobExplorer(_IdOodExplorer):
     Args:
         sweep: Tidy sweep table (see :mod:`rftlib.viz`).
         knob: The knob column (``alpha``, ``mask_ratio``, ``beta``, ``scale``).
-        metric: Metric on both axes.
-        id_split: ID split (x axis).
-        ood_split: OOD split (y axis).
+        metric: Metric on both axes (default: :func:`rftlib.viz.sweep_axes`'s choice).
+        id_split: ID split (x axis; default: ``id_test``, else the sweep's first ID split).
+        ood_split: OOD split (y axis; default: ``test``, else the sweep's first OOD split).
         start: Initial value (default: the grid value nearest the middle of the range).
         step: Slider step (default: the grid spacing).
         exact: Optional ``exact(value) -> (id, ood)``; e.g. for WiSE-FT merge the weights at that
@@ -223,9 +223,10 @@ class KnobExplorer(_IdOodExplorer):
         exact_results: ``{value: (id, ood)}`` measured so far.
     """
 
-    def __init__(self, sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test",
-                 ood_split: str = "test", start: float | None = None, step: float | None = None,
+    def __init__(self, sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
+                 ood_split: str | None = None, start: float | None = None, step: float | None = None,
                  exact: ValuesFn | None = None, description: str | None = None):
+        metric, id_split, ood_split = viz.sweep_axes(sweep, metric, id_split, ood_split)
         points = viz.id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
         self.exact = exact
         self.exact_results: dict[float, tuple[float, float]] = {}

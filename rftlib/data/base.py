@@ -125,7 +125,8 @@ class RFTDataset:
         primary_metric: the headline metric per role, e.g. ``{"id": "macro_f1", "ood": "macro_f1"}``.
         descriptions: optional per-class concept descriptions (DRM); one string or a list per class.
         root: where the data lives (``None`` for generated data).
-        info: free-form facts about the dataset (version, seed, sizes).
+        info: free-form facts about the dataset (version, seed, sizes); ``info["missing_splits"]``
+            maps a split the adapter knows but did not find to the message that says how to get it.
     """
 
     name: str
@@ -143,7 +144,10 @@ class RFTDataset:
         return len(self.classnames)
 
     def split(self, name: str) -> Split:
-        """The split called ``name``; unknown names list the valid ones."""
+        """The split called ``name``; unknown names list the valid ones, and a known split whose
+        files are missing raises :class:`DataNotFoundError` with the command that prepares it."""
+        if name not in self.splits and name in self.info.get("missing_splits", {}):
+            raise DataNotFoundError(self.info["missing_splits"][name])
         if name not in self.splits:
             raise KeyError(
                 f"dataset {self.name!r} has no split {name!r}; valid splits: {', '.join(self.splits)}"

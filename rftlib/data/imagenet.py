@@ -3,7 +3,7 @@
 Expected layout under the data root (only ``imagenet/val`` is required)::
 
     <root>/imagenet/val/<wnid>/*.JPEG        -> split "id_test"          (role id, 50,000 images)
-    <root>/imagenet/train/<wnid>/*.JPEG      -> split "train"            (only with train=True)
+    <root>/imagenet/train/<wnid>/*.JPEG      -> split "train"            (when present)
     <root>/imagenet-v2/<class>/*.jpeg        -> split "imagenet-v2"      (role ood; <class> is the
                                                 class index 0..999 as ImageNetV2 ships it, or a wnid)
     <root>/imagenet-sketch/<wnid>/*.JPEG     -> split "imagenet-sketch"  (role ood)
@@ -179,7 +179,7 @@ def _check_subset(split: Split, shift: str) -> None:
 
 
 def load_imagenet(
-    root: Path | None = None, *, shifts: Iterable[str] = DEFAULT_SHIFTS, train: bool = False,
+    root: Path | None = None, *, shifts: Iterable[str] = DEFAULT_SHIFTS, train: bool | None = None,
 ) -> RFTDataset:
     """ImageNet val (ID) plus whichever of the requested shifts are present (OOD).
 
@@ -187,7 +187,9 @@ def load_imagenet(
         root: the data root holding ``imagenet/`` and the shift folders (see the module docstring);
             default :func:`rftlib.data.default_data_root`.
         shifts: which shifts to look for; missing ones are skipped with a log message.
-        train: also load ``imagenet/train`` as the ``train`` split (1.28M file paths).
+        train: load ``imagenet/train`` as the ``train`` split (1.28M file paths); ``None`` (default):
+            when it is there. Without it, asking for the train split (any training method) fails
+            with the command that prepares it.
 
     Returns:
         A dataset whose ``info["logit_projection"]`` maps each 200-class split to its indices.
@@ -203,9 +205,11 @@ def load_imagenet(
     unknown = [s for s in shifts if s not in SHIFT_FOLDERS]
     if unknown:
         raise ValueError(f"unknown ImageNet shift(s) {unknown}; valid: {', '.join(SHIFT_FOLDERS)}")
-    splits = {}
-    if train:
+    splits, missing = {}, {}
+    if train or (train is None and (root / "imagenet" / "train").is_dir()):
         splits["train"] = _folder_split("train", "train", _required(root, "train"))
+    else:
+        missing["train"] = _missing_message(root, "train")
     splits["id_test"] = _folder_split("id_test", "id", _required(root, "val"))
     projection = {}
     for shift in shifts:
@@ -221,19 +225,22 @@ def load_imagenet(
     return RFTDataset(
         name="imagenet", classnames=imagenet_classnames(), templates=list(read_templates("imagenet")),
         splits=splits, metric_fn=imagenet_metric, primary_metric={"id": "accuracy", "ood": "accuracy"},
-        root=root, info={"logit_projection": projection, "sizes": {n: len(s) for n, s in splits.items()}},
+        root=root, info={"logit_projection": projection, "sizes": {n: len(s) for n, s in splits.items()},
+                         "missing_splits": missing},
     )
 
 
 def _required(root: Path, part: str) -> Path:
     folder = root / "imagenet" / part
     if not folder.is_dir():
-        raise DataNotFoundError(
-            f"ImageNet {part} not found: expected {folder}/<wnid>/<image> folders.\n"
-            f"ImageNet cannot be downloaded automatically; run\n    {prepare_command(root)}\n"
-            "to see what is present and how to obtain each part."
-        )
+        raise DataNotFoundError(_missing_message(root, part))
     return folder
+
+
+def _missing_message(root: Path, part: str) -> str:
+    return (f"ImageNet {part} not found: expected {root / 'imagenet' / part}/<wnid>/<image> folders.\n"
+            f"ImageNet cannot be downloaded automatically; run\n    {prepare_command(root)}\n"
+            "to see what is present and how to obtain each part.")
 
 
 def imagenet_metric(y_true: np.ndarray, y_pred: np.ndarray, metadata: pd.DataFrame) -> dict:
