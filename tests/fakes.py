@@ -350,3 +350,37 @@ def import_wilds_quietly() -> types.ModuleType:
     import wilds
 
     return wilds
+
+
+# --------------------------------------------------------------------------------------------------
+# synthwild written out as image files (the ``folder`` dataset)
+# --------------------------------------------------------------------------------------------------
+def write_image_folder(root: Path, data, *, size: tuple[int, int] = (48, 40), per_split: int | None = None,
+                       splits: tuple[str, ...] = ("train", "id_val", "id_test", "test")) -> Path:
+    """Write synthwild ``data``'s images as JPEG files ``root/<split>/<class name>/<i>.jpg``.
+
+    Images are resized to ``size`` (width, height), so evaluation and training views resample for
+    real. ``per_split`` keeps the first images of each split. Returns ``root`` (load it with
+    ``get_dataset("folder", root=root)``).
+    """
+    for split in splits:
+        s = data.split(split)
+        count = len(s) if per_split is None else min(per_split, len(s))
+        for i in range(count):
+            folder = Path(root) / split / data.classnames[int(s.labels[i])]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(s.images.array[i]).resize(size, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    return Path(root)
+
+
+def write_jpeg_tree(folder: Path, counts: Mapping[str, int], *, size: tuple[int, int] = (48, 40),
+                    seed: int = 0) -> Path:
+    """``folder/<class>/<i>.JPEG`` with ``counts[class]`` images each: a per-class colour plus noise."""
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(sorted(counts.items())):
+        (Path(folder) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            noise = rng.integers(-25, 26, size=(size[1], size[0], 3))
+            pixels = np.clip(_class_colour(label) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="RGB").save(Path(folder) / name / f"{i:04d}.JPEG", quality=90)
+    return Path(folder)

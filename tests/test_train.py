@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from rftlib.data import get_dataset
 from rftlib.data.pipeline import ImageSpec
-from rftlib.methods.base import Batch, Task
 from rftlib.methods.finetune import FinetuneTask
 from rftlib.models import build_zeroshot_head, load_clip
+from rftlib.results import ResultsStore, load
 from rftlib.schedule import lr_at
+from rftlib.task import Batch, Task
 from rftlib.train import NonFiniteLossError, TrainConfig, fit
 
+from .fakes import write_image_folder
 from .helpers import launch_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,11 +74,29 @@ def _assert_same_update(init: dict, a: dict, b: dict, rel: float = 0.1):
     assert moved > 10  # the comparison is not vacuous
 
 
+@pytest.fixture(scope="module")
+def image_folder(data, tmp_path_factory):
+    """tiny synthwild as 48x40 JPEG files: 96 training images (6 steps of 16 per epoch)."""
+    return write_image_folder(tmp_path_factory.mktemp("files"), data, per_split=96)
+
+
+def _source_args(source: str, folder) -> list[str]:
+    """tiny_fit.py arguments: in-memory arrays with views cut in-process, or files streamed by workers."""
+    if source == "arrays":
+        return ["--augment", "rrc_flip"]
+    return ["--folder", str(folder), "--workers", "2", "--augment", "rrc"]
+
+
 @pytest.mark.slow
-def test_resume_after_kill_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("source", ["arrays", "files"])
+def test_resume_after_kill_is_bit_identical(tmp_path, source, image_folder):
+    """SIGKILL mid-training, start again: the same final weights, with augmentation on (and, for
+    files, two loader worker processes)."""
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    _run(["--out", str(clean)], check=True, timeout=300)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(killed), "--slow", "0.3"],
+    extra = _source_args(source, image_folder)
+    _run(["--out", str(clean), *extra], check=True, timeout=300)
+    total = json.loads((clean / "latest.json").read_text())["step"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(killed), "--slow", "0.3", *extra],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     latest = killed / "latest.json"
     deadline = time.time() + 240
@@ -85,24 +105,44 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = json.loads(latest.read_text())["step"]
-    assert 9 <= step < 36, "the kill must land mid-training"
+    assert 9 <= step < total, "the kill must land mid-training"
     assert not (killed / "final.safetensors").exists()
-    _run(["--out", str(killed)], check=True, timeout=300)  # resumes from the last checkpoint
+    _run(["--out", str(killed), *extra], check=True, timeout=300)  # resumes from the last checkpoint
     _assert_same_weights(clean / "final.safetensors", killed / "final.safetensors")
-    _assert_same_weights(clean / "ckpt-00000036.safetensors", killed / "ckpt-00000036.safetensors")
+    _assert_same_weights(clean / f"ckpt-{total:08d}.safetensors", killed / f"ckpt-{total:08d}.safetensors")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["finetune", "flyp"])
-def test_ddp_two_processes_match_single_process(tmp_path, method):
+@pytest.mark.parametrize("method,source", [("finetune", "arrays"), ("flyp", "arrays"), ("flyp", "files")])
+def test_ddp_two_processes_match_single_process(tmp_path, method, source, image_folder):
+    """Two gloo ranks, each reading its half of every global batch, make the update one process
+    makes, with augmentation on: the same crops reach the same positions."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = ["--method", method, "--epochs", "1", "--checkpoint-every", "0"]
+    common = ["--method", method, "--epochs", "1", "--checkpoint-every", "0", *_source_args(source, image_folder)]
     _run([*common, "--out", str(single)], check=True, timeout=300)
     assert launch_two_ranks([sys.executable, str(SCRIPT), *common, "--out", str(ddp)],
                             {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT)
     init = load_file(str(single / "init.safetensors"))
     assert init.keys() == load_file(str(ddp / "init.safetensors")).keys()
     _assert_same_update(init, load_file(str(single / "final.safetensors")), load_file(str(ddp / "final.safetensors")))
+
+
+@pytest.mark.slow
+def test_two_rank_cli_run_is_recorded_once(tmp_path):
+    """Under torchrun every rank runs the method; the run id is the main rank's and only it writes."""
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "rftlib.train", "--method", "finetune", "--model", "rft-tiny", "--pretrained", "none",
+           "--data-option", "size=tiny", "cache=false", "--set", "epochs=1", "batch_size=32", "warmup_steps=1",
+           "--results-db", str(db), "--progress", "off", "--workers", "0"]
+    assert launch_two_ranks(cmd, {**os.environ, "PYTHONPATH": str(ROOT), "RFT_RUNS_DIR": str(tmp_path / "runs")}, ROOT)
+    runs = ResultsStore(db).runs()
+    assert len(runs) == 1 and runs.status.tolist() == ["done"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == runs.run_id.tolist()  # one checkpoint folder
+    single = tmp_path / "single.db"
+    subprocess.run([*cmd[:cmd.index("--results-db") + 1], str(single), *cmd[cmd.index("--results-db") + 2:]],
+                   env={**os.environ, "PYTHONPATH": str(ROOT), "RFT_RUNS_DIR": str(tmp_path / "runs1")}, cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    assert len(load(db)) == len(load(single)) > 0  # each row once
 
 
 class _ExplodingTask(FinetuneTask):

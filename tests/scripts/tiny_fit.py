@@ -1,9 +1,11 @@
 """Train a tiny model on tiny synthwild with the shared loop (used by resume and DDP tests).
 
     python tests/scripts/tiny_fit.py --method finetune --out DIR [--epochs 3] [--slow 0.2]
+        [--folder ROOT --workers 2 --augment rrc]
 
 Under torchrun-style env vars (WORLD_SIZE > 1) it runs DDP with gloo. Rank 0 writes
-``DIR/final.safetensors`` with the final (selected) weights.
+``DIR/final.safetensors`` with the final (selected) weights. ``--folder`` trains on a ``folder``
+dataset of image files (streamed by ``--workers`` processes) instead of synthwild's arrays.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from rftlib import dist as rdist  # noqa: E402
 from rftlib.data import get_dataset  # noqa: E402
+from rftlib.data.loading import LoaderSettings  # noqa: E402
 from rftlib.data.pipeline import ImageSpec  # noqa: E402
 from rftlib.methods import flyp  # noqa: E402
 from rftlib.methods.finetune import FinetuneTask  # noqa: E402
@@ -32,14 +35,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--checkpoint-every", type=int, default=3)
     p.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each step")
+    p.add_argument("--folder", default=None, help="train on this folder dataset of image files")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--augment", default="none")
+    p.add_argument("--on-bad-image", default="raise")
     args = p.parse_args()
     torch.set_num_threads(1)
     info = rdist.init_distributed("cpu")
     torch.manual_seed(0)
     clip = load_clip("rft-tiny", None)
-    data = get_dataset("synthwild", size="tiny", cache=False)
+    if args.folder:
+        data = get_dataset("folder", root=args.folder)
+    else:
+        data = get_dataset("synthwild", size="tiny", cache=False)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=3,
-                      checkpoint_every=args.checkpoint_every, grad_clip=1.0)
+                      checkpoint_every=args.checkpoint_every, grad_clip=1.0, augment=args.augment,
+                      eval_splits=("id_val",))
+    loader = LoaderSettings(workers=args.workers, on_bad_image=args.on_bad_image)
     if args.method == "finetune":
         task = FinetuneTask(clip, build_zeroshot_head(clip, data.classnames, data.templates))
     else:
@@ -49,7 +61,8 @@ def main() -> None:
         init = {k: v.contiguous().clone() for k, v in task.checkpoint_state().items()}
         save_file(init, f"{args.out}/init.safetensors")
     callbacks = [lambda e: time.sleep(args.slow) if e.kind == "step" else None]
-    fit(task, data, cfg, spec=ImageSpec.of(clip), out_dir=args.out, callbacks=callbacks, progress_mode="off")
+    fit(task, data, cfg, spec=ImageSpec.of(clip), out_dir=args.out, callbacks=callbacks, progress_mode="off",
+        loader=loader)
     if info.is_main:
         save_file({k: v.contiguous() for k, v in task.checkpoint_state().items()}, f"{args.out}/final.safetensors")
 
