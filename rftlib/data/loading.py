@@ -77,7 +77,8 @@ class LoaderSettings:
             a larger split streams from its files instead.
         input_path: ``auto`` (the budget decides), ``memory`` or ``stream`` (forced; ``memory``
             above the budget is an error, never a silent overrun).
-        prefetch: micro-batches each worker prepares ahead.
+        prefetch: micro-batches each worker prepares ahead (2 keeps a GPU fed; each one is pinned
+            memory: 256 views at 224 px take 38 MB).
         pin_memory: page-locked batches for fast copies to the GPU (``None``: when on CUDA).
         on_bad_image: ``raise`` stops at an unreadable training image, naming it; ``skip`` drops it
             from its batch, logs it and counts it in the step events (``skipped_images``).
@@ -90,7 +91,7 @@ class LoaderSettings:
     workers: int | None = None
     memory_budget: int | str | None = None
     input_path: str = "auto"
-    prefetch: int = 4
+    prefetch: int = 2
     pin_memory: bool | None = None
     on_bad_image: str = "raise"
     prepared: str | None = None

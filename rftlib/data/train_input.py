@@ -34,6 +34,7 @@ from .augment import Augment
 from .base import ArrayImages, Split
 from .loading import LoaderSettings, format_bytes
 from .pipeline import decode_split
+from .prepared import open_prepared
 from .views import Request, ViewDataset, reader_for, view_loader
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,6 @@ class MicroBatch:
     labels: torch.Tensor
     indices: torch.Tensor
     positions: torch.Tensor
-    skipped: list[str]
 
 
 class _DecodedDataset(torch.utils.data.Dataset):
@@ -171,7 +171,7 @@ class TrainInput:
         self.split, self.size, self.layout, self.augment = split, size, layout, augment
         self.settings = settings or LoaderSettings()
         self.pin_memory = pin_memory if self.settings.pin_memory is None else self.settings.pin_memory
-        self.prepared = _open_prepared(self.settings.prepared, split, size)
+        self.prepared = open_prepared(self.settings.prepared, split, size) if self.settings.prepared else None
         self.plan = plan_train_input(split, size, augment, self.settings, prepared=self.prepared is not None)
         self.labels = torch.as_tensor(split.labels)
         self.skipped = 0
@@ -203,13 +203,5 @@ class TrainInput:
             self.skipped += len(batch["skipped"])
             for message in batch["skipped"]:
                 log.warning("skipped an unreadable training image (%d so far): %s", self.skipped, message)
-        return MicroBatch(batch["images"], self.labels[batch["indices"]], batch["indices"], batch["positions"],
-                          batch["skipped"])
+        return MicroBatch(batch["images"], self.labels[batch["indices"]], batch["indices"], batch["positions"])
 
-
-def _open_prepared(folder: str | None, split: Split, size: int):
-    if folder is None:
-        return None
-    from .prepared import open_prepared
-
-    return open_prepared(folder, split, size)

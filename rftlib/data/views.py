@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,6 +30,16 @@ from .base import ArrayImages, FileImages, ImageReadError, ImageSource
 from .images import center_view, read_image, training_view
 
 log = logging.getLogger(__name__)
+
+
+class ImageReader(Protocol):
+    """Example ``i`` of a split at its stored resolution, as ``uint8`` (3, H, W); picklable, so that
+    worker processes get their own (:class:`ArrayReader`, :class:`FileReader`,
+    :class:`rftlib.data.prepared.PreparedReader`)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> torch.Tensor: ...
 
 
 class ArrayReader:
@@ -57,7 +68,7 @@ class FileReader:
         return read_image(self.paths[i])
 
 
-def reader_for(images: ImageSource):
+def reader_for(images: ImageSource) -> ImageReader:
     """The reader of a split's image source."""
     if isinstance(images, ArrayImages):
         return ArrayReader(images.array)
@@ -92,7 +103,8 @@ class ViewDataset(Dataset):
         skip_bad: drop unreadable images from their batch (named in ``skipped``) instead of raising.
     """
 
-    def __init__(self, reader, size: int, augment: Augment = Augment(), seed: int = 0, skip_bad: bool = False):
+    def __init__(self, reader: ImageReader, size: int, augment: Augment = Augment(), seed: int = 0,
+                 skip_bad: bool = False):
         self.reader, self.size, self.augment, self.seed, self.skip_bad = reader, size, augment, seed, skip_bad
 
     def __len__(self) -> int:
@@ -140,7 +152,7 @@ class _Requests(Sampler):
 
 
 def view_loader(dataset: ViewDataset, requests: Callable[[], Iterator[Request]], count: int, *, workers: int,
-                prefetch: int = 4, pin_memory: bool = False) -> DataLoader:
+                prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that makes ``dataset[request]`` for every request, in order, in ``workers``
     processes (``0``: in this process).
 
@@ -165,7 +177,7 @@ def chunk_requests(n: int, chunk: int) -> tuple[Callable[[], Iterator[Request]],
     return requests, -(-n // chunk)
 
 
-def stream_views(images: ImageSource, size: int, *, batch_size: int, workers: int, prefetch: int = 4,
+def stream_views(images: ImageSource, size: int, *, batch_size: int, workers: int, prefetch: int = 2,
                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """Evaluation views of a whole split, in order, ``batch_size`` at a time (decoded in workers)."""
     requests, count = chunk_requests(len(images), batch_size)
