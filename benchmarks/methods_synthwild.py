@@ -2,6 +2,7 @@
 
     python benchmarks/methods_synthwild.py                    # all methods, seed 0
     python benchmarks/methods_synthwild.py --methods finetune wiseft --seeds 0 1
+    python benchmarks/methods_synthwild.py --set augment=rrc  # an override, for every method that has it
 
 Each method runs through :func:`rftlib.methods.run_method` with its synthwild preset, exactly what
 ``python -m rftlib.train --method NAME`` and the notebooks run, into a throw-away results store and
@@ -24,16 +25,27 @@ import pandas as pd
 import torch
 
 from rftlib.data import get_dataset
-from rftlib.methods import list_methods, run_method
+from rftlib.methods import get_config, list_methods, run_method
 from rftlib.models import load_clip
+from rftlib.registry import UnknownNameError
+from rftlib.train import parse_override
 
-DEFAULT_METHODS = ("zeroshot", "linear_probe", "finetune", "lpft", "wiseft", "flyp", "dps", "drm", "croft",
-                   "radapter")
+
+def _applicable(method: str, overrides: dict) -> dict:
+    """The overrides that ``method``'s config has a field for."""
+    kept = {}
+    for key, value in overrides.items():
+        try:
+            get_config(method, "synthwild", {key: value})
+        except UnknownNameError:
+            continue
+        kept[key] = value
+    return kept
 
 
-def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path]) -> dict:
-    """Run ``method`` once on its preset and return one table row."""
-    overrides = {}
+def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path], extra: dict) -> dict:
+    """Run ``method`` once on its preset (plus the ``extra`` overrides it has) and return one table row."""
+    overrides = _applicable(method, extra)
     if method == "wiseft" and seed in finetuned:
         overrides["finetuned"] = str(finetuned[seed])
     clip = load_clip("synthclip", "synthclip")
@@ -55,10 +67,14 @@ def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path]
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list_methods())
+    parser.add_argument("--methods", nargs="+", default=list_methods(), choices=list_methods(),
+                        help="default: every registered method (alphabetical, so finetune runs before wiseft)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every method whose config has the field, e.g. augment=rrc")
     args = parser.parse_args(argv)
+    extra = dict(parse_override(item) for item in args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = get_dataset("synthwild")
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as tmp:
         for seed in args.seeds:
             for method in args.methods:
-                row = run_one(method, seed, data, Path(tmp), finetuned)
+                row = run_one(method, seed, data, Path(tmp), finetuned, extra)
                 rows.append(row)
                 print(f"  {method:<13} seed {seed}: ID {row['ID']:.3f}  OOD {row['OOD']:.3f}  {row['seconds']:.0f} s",
                       flush=True)
