@@ -1,7 +1,8 @@
 """Suite-wide settings for everything pytest collects (tests/ and the notebooks run by nbval).
 
 Offline and quiet, and run outputs (checkpoints, the default results store) go to a temporary
-folder instead of ./rft_runs next to the notebooks.
+folder instead of ./rft_runs next to the notebooks; caches (the synthwild world, decoded evaluation
+splits of the fabricated datasets) go to another instead of ~/.cache/rftlib.
 """
 
 import os
@@ -12,17 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RFT_PROGRESS", "off")
 
-_RUNS_DIR: str | None = None
+_TEMPORARY: dict[str, str] = {}
 
 
 def pytest_configure(config):
-    global _RUNS_DIR
-    if not os.environ.get("RFT_RUNS_DIR"):
-        _RUNS_DIR = tempfile.mkdtemp(prefix="rft-test-runs-")
-        os.environ["RFT_RUNS_DIR"] = _RUNS_DIR
+    for name, prefix in (("RFT_RUNS_DIR", "rft-test-runs-"), ("RFT_CACHE_DIR", "rft-test-cache-")):
+        if not os.environ.get(name):
+            _TEMPORARY[name] = os.environ[name] = tempfile.mkdtemp(prefix=prefix)
 
 
 def pytest_unconfigure(config):
-    if _RUNS_DIR is not None:
-        shutil.rmtree(_RUNS_DIR, ignore_errors=True)
-        os.environ.pop("RFT_RUNS_DIR", None)
+    for name, folder in _TEMPORARY.items():
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(name, None)

@@ -66,16 +66,9 @@ def _execute(path: Path, tmp_path: Path, **parameters):
     return nbformat.read(out, as_version=4)
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("rft-cache")
-    os.environ["RFT_CACHE_DIR"] = str(cache)
-    return cache
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_headless_on_defaults(path, tmp_path, shared_cache, monkeypatch):
+def test_notebook_runs_headless_on_defaults(path, tmp_path, monkeypatch):
     monkeypatch.setenv("RFT_RESULTS_DB", str(tmp_path / "results.db"))
     nb = _execute(path, tmp_path)
     outputs = [o for c in _code_cells(nb) for o in c.outputs]
