@@ -2,7 +2,6 @@
 headless papermill run of every notebook on its default parameters."""
 
 import ast
-import os
 from pathlib import Path
 
 import nbformat
