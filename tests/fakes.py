@@ -384,3 +384,13 @@ def write_jpeg_tree(folder: Path, counts: Mapping[str, int], *, size: tuple[int,
             pixels = np.clip(_class_colour(label) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels, mode="RGB").save(Path(folder) / name / f"{i:04d}.JPEG", quality=90)
     return Path(folder)
+
+
+def make_fake_imagenet(root: Path, train_per_class: int = 8) -> Path:
+    """An ImageNet-layout tree: 3 classes in train and val, 2 of them in ImageNet-R, V2 by index."""
+    wnids = {"n01440764": 0, "n01443537": 1, "n01484850": 2}  # tench, goldfish, great white shark (R has 1, 2)
+    write_jpeg_tree(root / "imagenet" / "train", {w: train_per_class for w in wnids})
+    write_jpeg_tree(root / "imagenet" / "val", {w: 4 for w in wnids})
+    write_jpeg_tree(root / "imagenet-r", {"n01443537": 3, "n01484850": 3})
+    write_jpeg_tree(root / "imagenet-v2", {str(i): 3 for i in wnids.values()})
+    return root

@@ -163,3 +163,15 @@ def test_prepared_copy_refuses_the_wrong_split_size_or_damage(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_cache.py"):
         PreparedReader(folder, split.images.paths)
     assert json.loads((folder / "job.json").read_text())["short_side"] == 36
+
+
+def test_prepare_cache_script_prepares_a_folder_dataset_and_refuses_arrays(files, tmp_path, capsys):
+    from .test_data_adapters import load_script
+
+    script = load_script("prepare_cache")
+    root = files.root
+    assert script.main(["folder", "--root", str(root), "--out", str(tmp_path / "prep"), "--workers", "0",
+                        "--short-side", "40", "--shard-size", "16"]) == 0
+    assert f"--prepared {tmp_path / 'prep'}" in capsys.readouterr().out
+    assert PreparedReader(tmp_path / "prep", files.split("train").images.paths).short_side == 40
+    assert script.main(["synthwild", "--data-option", "size=tiny", "cache=false"]) == 1

@@ -131,33 +131,3 @@ def test_drm_notebook_runs_on_a_fabricated_iwildcam(tmp_path, monkeypatch):
     rows = load(db, method="drm")
     assert set(rows.dataset) == {"iwildcam"} and sorted(rows.beta.dropna().unique())[:3] == [0.0, 0.1, 0.2]
 
-
-def make_fake_imagenet(root: Path, train_per_class: int = 8) -> Path:
-    """An ImageNet-layout tree: 3 classes in train and val, 2 of them in ImageNet-R, V2 by index."""
-    from .fakes import write_jpeg_tree
-
-    wnids = {"n01440764": 0, "n01443537": 1, "n01484850": 2}  # tench, goldfish, great white shark (R has 1, 2)
-    write_jpeg_tree(root / "imagenet" / "train", {w: train_per_class for w in wnids})
-    write_jpeg_tree(root / "imagenet" / "val", {w: 4 for w in wnids})
-    write_jpeg_tree(root / "imagenet-r", {"n01443537": 3, "n01484850": 3})
-    write_jpeg_tree(root / "imagenet-v2", {str(i): 3 for i in wnids.values()})
-    return root
-
-
-@pytest.mark.slow
-def test_flyp_notebook_trains_on_a_fabricated_imagenet(tmp_path, monkeypatch):
-    """``papermill notebooks/flyp.ipynb out.ipynb -p dataset imagenet``: the train split is found and trained on
-    (with the papers' augmentation, streamed from JPEG files), then WiSE-FT evaluates ID and every shift."""
-    from rftlib.results import load
-
-    root = make_fake_imagenet(tmp_path / "data")
-    db = tmp_path / "results.db"
-    monkeypatch.setenv("RFT_RESULTS_DB", str(db))
-    nb = _execute(ROOT / "notebooks" / "flyp.ipynb", tmp_path, dataset="imagenet", data_root=str(root),
-                  model="rft-tiny", pretrained="none", epochs=1, batch_size=8, grid_points=3, progress="off")
-    assert not _failed_cells(nb)
-    rows = load(db)
-    assert set(rows.dataset) == {"imagenet"} and {"flyp", "wiseft"} <= set(rows.method)
-    assert {"id_test", "imagenet-r", "imagenet-v2"} <= set(rows[rows.method == "flyp"].split)
-    config = load(db, method="flyp").config_json.iloc[0]
-    assert '"augment": "rrc"' in config

@@ -1,10 +1,11 @@
 """The training input: keyed augmentation, rank shards, the memory-or-stream plan, bad files."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from rftlib.data import ImageReadError, get_dataset
+from rftlib.data import DataNotFoundError, ImageReadError, get_dataset
 from rftlib.data.augment import Augment, random_resized_crop_box
 from rftlib.data.loading import LoaderSettings, parse_bytes
 from rftlib.data.pipeline import ImageSpec
@@ -140,8 +141,8 @@ def _fit_files(files, loader, **cfg):
     clip = tiny_clip()
     task = FinetuneTask(clip, build_zeroshot_head(clip, files.classnames, files.templates))
     events = []
-    config = TrainConfig(**{"epochs": 1, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3, "eval_splits": ("id_val",),
-                            **cfg})
+    config = TrainConfig(**{"epochs": 1, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3, "eval_splits": (),
+                            "select_split": None, **cfg})
     fit(task, files, config, spec=ImageSpec.of(clip), loader=loader, callbacks=[events.append], progress_mode="off")
     return events
 
@@ -168,3 +169,35 @@ def test_arrays_train_with_augmentation_in_process(data):
     fit(task, data, cfg, spec=ImageSpec.of(clip), progress_mode="off")
     assert any(not torch.equal(before[k], v) for k, v in task.checkpoint_state().items())
 
+
+
+def test_imagenet_trains_end_to_end_on_a_fabricated_tree(tmp_path):
+    """``dataset=imagenet``: the train split is found and trained on with the preset's augmentation,
+    streamed from the JPEG files by a worker, then evaluated on ID and every shift; the notebook layer
+    passes the session's epochs only where a method takes them and draws ImageNet's sweep axes."""
+    from rftlib import notebook, viz
+    from rftlib.data.imagenet import load_imagenet
+    from rftlib.results import load
+
+    from .fakes import make_fake_imagenet
+
+    root = make_fake_imagenet(tmp_path / "data")
+    data = load_imagenet(root)
+    assert len(data.split("train")) == 24 and data.split("train").role == "train"
+    session = notebook.setup(dataset="imagenet", data_root=str(root), model="rft-tiny", pretrained="none", epochs=1,
+                             batch_size=8, device="cpu", results_db=str(tmp_path / "r.db"), progress="off")
+    session.data = data
+    events = []
+    result = session.run("finetune", callbacks=[events.append])
+    assert sum(e.kind == "step" for e in events) == 3 and set(result.metrics) == {"id_test", "imagenet-r",
+                                                                                 "imagenet-v2"}
+    assert '"augment": "rrc"' in load(tmp_path / "r.db").config_json.iloc[0]
+    zeroshot = session.run("zeroshot")  # takes no epochs: the session's are not passed to it
+    table = pd.concat([pd.DataFrame([{"alpha": a, "split": s, "role": r.role, "metric": m, "value": v}
+                                     for s, metrics in res.metrics.items() for m, v in metrics.items()
+                                     for r in [data.split(s)]]) for a, res in ((0.0, zeroshot), (1.0, result))])
+    assert viz.sweep_axes(table) == ("accuracy", "id_test", "imagenet-v2")  # its first shift
+    assert len(viz.id_ood_points(table, "alpha")) == 2
+    missing = load_imagenet(root, train=False)
+    with pytest.raises(DataNotFoundError, match="prepare_imagenet.py"):
+        missing.split("train")
