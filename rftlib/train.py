@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from . import dist as rdist
+from .atomic import write_atomically, write_text_atomically
 from .data.augment import Augment
 from .data.base import RFTDataset
 from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
@@ -149,13 +149,9 @@ class _Checkpointer:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         weights = self._save_weights(self.out_dir / f"ckpt-{step:08d}.safetensors", {"step": step})
-        state_path = self.out_dir / f"state-{step:08d}.pt"
-        torch.save(train_state, state_path.with_suffix(".tmp"))
-        os.replace(state_path.with_suffix(".tmp"), state_path)
+        state_path = write_atomically(self.out_dir / f"state-{step:08d}.pt", lambda tmp: torch.save(train_state, tmp))
         latest = {"step": step, "weights": weights.name, "state": state_path.name}
-        tmp = self.out_dir / "latest.json.tmp"
-        tmp.write_text(json.dumps(latest))
-        os.replace(tmp, self.out_dir / "latest.json")
+        write_text_atomically(self.out_dir / "latest.json", json.dumps(latest))
         self._prune(step)
         return weights
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_atomically, write_text_atomically
 from .base import FileImages
 from .views import decode_views
 
@@ -161,20 +162,13 @@ def _bad_chunks(data: Path, expected: list[int], count: int, size: int) -> list[
 
 def _build(base: Path, key: str, images: FileImages, size: int, name: str, workers: int,
            progress_mode: str | None) -> None:
-    count = len(images)
-    data, manifest_path = base.with_suffix(".u8"), base.with_suffix(".json")
-    tmp = base.with_suffix(f".u8.tmp-{os.getpid()}")
-    log.info("decoding %s (%d images) once into %s", name, count, data)
-    try:
-        checksums = _decode_to_file(tmp, images, size, name, workers, progress_mode)
-        os.replace(tmp, data)
-    finally:
-        tmp.unlink(missing_ok=True)
-    manifest = {"version": FORMAT_VERSION, "key": key, "count": count, "size": size, "chunk": CHUNK,
+    log.info("decoding %s (%d images) once into %s", name, len(images), base.with_suffix(".u8"))
+    checksums: list[int] = []
+    write_atomically(base.with_suffix(".u8"),
+                     lambda tmp: checksums.extend(_decode_to_file(tmp, images, size, name, workers, progress_mode)))
+    manifest = {"version": FORMAT_VERSION, "key": key, "count": len(images), "size": size, "chunk": CHUNK,
                 "crc32": checksums, "split": name}
-    tmp_manifest = manifest_path.with_suffix(f".json.tmp-{os.getpid()}")
-    tmp_manifest.write_text(json.dumps(manifest))
-    os.replace(tmp_manifest, manifest_path)
+    write_text_atomically(base.with_suffix(".json"), json.dumps(manifest))  # last: it vouches for the data
 
 
 def _decode_to_file(path: Path, images: FileImages, size: int, name: str, workers: int,

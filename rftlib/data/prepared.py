@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg
 
+from ..atomic import write_atomically, write_text_atomically
 from ..progress import progress
 from .base import FileImages, ImageReadError, Split
 from .images import BICUBIC, TF, decode_bytes, read_image, resize_geometry
@@ -105,7 +105,7 @@ def prepare(split: Split, folder: str | Path, settings: PrepareSettings = Prepar
     manifest = {"version": VERSION, "paths_sha1": paths_digest(paths), "count": len(paths), "split": split.name,
                 "short_side": settings.short_side, "format": settings.format, "quality": settings.quality,
                 "shard_size": settings.shard_size, "shards": len(shards)}
-    _write_json(folder / "manifest.json", manifest)
+    write_text_atomically(folder / "manifest.json", json.dumps(manifest))
     return folder
 
 
@@ -126,13 +126,7 @@ def _check_same_job(folder: Path, paths: tuple[str, ...], settings: PrepareSetti
             raise ValueError(f"{folder} holds a preparation of another job (different {', '.join(diff)}); "
                              "use another folder or delete this one")
     else:
-        _write_json(job_file, job)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+        write_text_atomically(job_file, json.dumps(job))
 
 
 def _shard_names(folder: Path, i: int) -> tuple[Path, Path]:
@@ -164,22 +158,23 @@ def _encode(path: str, settings: PrepareSettings) -> tuple[bytes, int, int]:
 def _write_shard(folder: Path, i: int, paths: tuple[str, ...], settings: PrepareSettings) -> None:
     torch.set_num_threads(1)
     data, index_path = _shard_names(folder, i)
-    tmp_data = data.with_suffix(f".tmp-{os.getpid()}")
     index = np.zeros((len(paths), _INDEX_COLUMNS), dtype=np.int64)
-    offset = 0
-    try:
-        with open(tmp_data, "wb") as out:
+
+    def write_data(tmp: Path) -> None:
+        offset = 0
+        with open(tmp, "wb") as out:
             for k, path in enumerate(paths):
                 payload, height, width = _encode(path, settings)
                 out.write(payload)
                 index[k] = (offset, len(payload), height, width, zlib.crc32(payload))
                 offset += len(payload)
-        os.replace(tmp_data, data)
-    finally:
-        tmp_data.unlink(missing_ok=True)
-    tmp_index = index_path.with_name(index_path.name + f".tmp-{os.getpid()}.npy")
-    np.save(tmp_index, index)
-    os.replace(tmp_index, index_path)
+
+    def write_index(tmp: Path) -> None:
+        with open(tmp, "wb") as out:  # a file object: np.save would add .npy to a temporary name
+            np.save(out, index)
+
+    write_atomically(data, write_data)
+    write_atomically(index_path, write_index)  # last: an index marks its shard complete
 
 
 class PreparedReader:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..atomic import write_atomically, write_text_atomically
 from .heads import ImageClassifier, ZeroShotHead
 from .loading import ClipModel, load_clip
 
@@ -41,12 +42,6 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     if not side.exists():
         raise FileNotFoundError(f"checkpoint sidecar {side} is missing (every rftlib checkpoint has one)")
     return json.loads(side.read_text())
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -76,9 +71,9 @@ def save_checkpoint(
         "format": FORMAT, "rftlib_version": __version__, **clip.describe(),
         "classnames": classnames, "method": method, "method_config": cfg, "extra": extra or {},
     }
-    _atomic_write_bytes(path, lambda p: save_file(tensors, str(p)))
+    write_atomically(path, lambda p: save_file(tensors, str(p)))
     text = json.dumps(sidecar, indent=2, default=str)
-    _atomic_write_bytes(sidecar_path(path), lambda p: p.write_text(text))
+    write_text_atomically(sidecar_path(path), text)
     return path
 
 
