@@ -249,16 +249,17 @@ def fit(
     task.train()
     bar = progress(range(step, total), total=total - step, desc=f"train {task.method_name}", mode=progress_mode)
     batches = source.steps(step, total)
+    skipping = settings.on_bad_image == "skip"
+    uneven = info.enabled and skipping  # ranks may lose different numbers of images from a batch
     try:
         for step, micro_batches in zip(bar, batches):
             epoch = step // layout.steps_per_epoch
             lr = lr_at(step, base=cfg.lr, warmup=warmup, total=total, min_lr=cfg.min_lr, mode=cfg.min_lr_mode)
             for group in opt.param_groups:
                 group["lr"] = lr
-            uneven = info.enabled and settings.on_bad_image == "skip"
             scalars = _optimizer_step(runner, task, opt, micro_batches, spec, device, cfg, step, epoch, uneven,
                                       last_path)
-            if settings.on_bad_image == "skip":
+            if skipping:
                 scalars["skipped_images"] = source.skipped
             emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
             end_of_epoch = (step + 1) % layout.steps_per_epoch == 0

@@ -15,7 +15,6 @@ A view depends only on the request, never on the worker that makes it, so any nu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,8 +27,6 @@ from ..progress import progress
 from .augment import Augment
 from .base import ArrayImages, FileImages, ImageReadError, ImageSource
 from .images import center_view, read_image, training_view
-
-log = logging.getLogger(__name__)
 
 
 class ImageReader(Protocol):
