@@ -1,6 +1,7 @@
 """ViT-B/16-shaped throughput on one GPU: rftlib's loop against the reference code's way, same GPU.
 
     python benchmarks/gpu_throughput.py [--steps 30] [--batch 256]
+    python benchmarks/gpu_throughput.py --device cpu --steps 3 --batch 2 --images 64   # a smoke run
 
 Rows (random weights; the workload's shape is what matters):
 
@@ -36,8 +37,16 @@ FORWARD_GFLOP = 35.13
 PEAKS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
+DEVICE = torch.device("cuda")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _peak() -> float | None:
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
@@ -68,8 +77,8 @@ def _task():
     from rftlib.models import ZeroShotHead, load_clip
 
     torch.manual_seed(0)
-    clip = load_clip("ViT-B-16", None, device="cuda")
-    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(182, 512), dim=-1) * 100).to("cuda")
+    clip = load_clip("ViT-B-16", None, device=DEVICE)
+    head = ZeroShotHead(torch.nn.functional.normalize(torch.randn(182, 512), dim=-1) * 100).to(DEVICE)
     return clip, FinetuneTask(clip, head)
 
 
@@ -83,9 +92,9 @@ def rftlib_train(split, steps: int, batch: int, workers: int) -> float:
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-5, warmup_steps=1, select_split=None, eval_splits=(),
                       augment="rrc" if workers else "none")
     loader = LoaderSettings(workers=workers, input_path="stream" if workers else "memory", memory_budget="100G")
-    fit(task, _dataset(split), cfg, spec=ImageSpec.of(clip), device="cuda", loader=loader, progress_mode="off",
+    fit(task, _dataset(split), cfg, spec=ImageSpec.of(clip), device=DEVICE, loader=loader, progress_mode="off",
         callbacks=[lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None])
-    torch.cuda.synchronize()
+    _sync()
     skip = min(5, len(stamps) // 3)
     return batch * (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
 
@@ -104,17 +113,17 @@ def reference_train(folder: Path, steps: int, batch: int, workers: int) -> float
     done, start = 0, None
     for i, (x, y) in enumerate(loader):
         if i == 2:
-            torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
-        logits = task.logits(x.cuda())
-        loss = torch.nn.functional.cross_entropy(logits, (y % 182).cuda())
+        logits = task.logits(x.to(DEVICE))
+        loss = torch.nn.functional.cross_entropy(logits, (y % 182).to(DEVICE))
         opt.zero_grad()
         loss.backward()
         opt.step()
         done += len(x) if i >= 2 else 0
         if i + 1 >= steps:
             break
-    torch.cuda.synchronize()
+    _sync()
     return done / (time.perf_counter() - start)
 
 
@@ -125,12 +134,12 @@ def eval_rate(amp: bool, batch: int) -> float:
 
     clip, task = _task()
     model = build_image_classifier(clip, task.head)
-    images = torch.randint(0, 256, (batch * 12, 3, 224, 224), dtype=torch.uint8)
-    run_model(model, images[:batch], ImageSpec.of(clip), device="cuda", batch_size=batch, amp=amp)
-    torch.cuda.synchronize()
+    images = torch.randint(0, 256, (batch * (12 if DEVICE.type == "cuda" else 2), 3, 224, 224), dtype=torch.uint8)
+    run_model(model, images[:batch], ImageSpec.of(clip), device=DEVICE, batch_size=batch, amp=amp)
+    _sync()
     start = time.perf_counter()
-    run_model(model, images, ImageSpec.of(clip), device="cuda", batch_size=batch, amp=amp)
-    torch.cuda.synchronize()
+    run_model(model, images, ImageSpec.of(clip), device=DEVICE, batch_size=batch, amp=amp)
+    _sync()
     return len(images) / (time.perf_counter() - start)
 
 
@@ -144,9 +153,11 @@ def loader_rates(folder: Path, split, workers: int) -> list[dict]:
              "img_s": round(reference_rate(folder, workers))}]
 
 
-def gpu_decode_rate(split, batch: int = 256) -> float:
+def gpu_decode_rate(split, batch: int = 256) -> float | None:
     from torchvision.io import decode_jpeg
 
+    if DEVICE.type != "cuda":
+        return None
     data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in split.images.paths[:batch]]
     decode_jpeg(data, device="cuda")
     torch.cuda.synchronize()
@@ -163,7 +174,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--images", type=int, default=4000, help="fabricated JPEGs for the streamed rows")
+    parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     sys.path.insert(0, str(HERE))
     from input_pipeline import _file_split
 
@@ -171,7 +186,7 @@ def main() -> None:
     from rftlib.data.loading import available_cpus
 
     workers = max(1, available_cpus() - 1)
-    folder = _jpegs(4000)
+    folder = _jpegs(args.images)
     files = _file_split(folder)
     n = args.batch * args.steps
     in_memory = Split("train", "train", ArrayImages(torch.randint(0, 256, (n, 224, 224, 3), dtype=torch.uint8).numpy()),
@@ -183,12 +198,13 @@ def main() -> None:
                      rftlib_train(files.subset(range(min(len(files), n))), args.steps, args.batch, workers), True),
                 _row(f"train, reference way (fp32, PIL floats, {workers} workers)",
                      reference_train(folder, min(args.steps, 12), args.batch, workers), True),
-                _row("eval, rftlib bf16", eval_rate(True, 512), False),
-                _row("eval, reference fp32", eval_rate(False, 512), False),
+                _row("eval, rftlib bf16", eval_rate(True, args.batch * 2), False),
+                _row("eval, reference fp32", eval_rate(False, args.batch * 2), False),
                 *loader_rates(folder, files, workers),
-                {"workload": "GPU JPEG decode (nvJPEG, batch 256)", "img_s": round(gpu_decode_rate(files))}]
+                {"workload": "GPU JPEG decode (nvJPEG, batch 256)", "img_s": gpu_decode_rate(files)}]
     frame = pd.DataFrame(rows)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {available_cpus()} CPUs")
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, {available_cpus()} CPUs")
     print(frame.to_string(index=False))
     train = frame.set_index("workload")["img_s"]
     ours = next(v for k, v in train.items() if k.startswith("train, rftlib (JPEG"))
