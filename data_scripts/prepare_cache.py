@@ -31,10 +31,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rftlib.cli import parse_override
 from rftlib.data import FileImages, get_dataset, list_datasets
 from rftlib.data.loading import available_cpus
 from rftlib.data.prepared import FORMATS, PrepareSettings, paths_digest, prepare
-from rftlib.train import parse_override
 
 
 def default_folder(dataset: str, split: str, paths: tuple[str, ...], settings: PrepareSettings) -> Path:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=list_datasets())
     parser.add_argument("--root", default=None, help="data root (default: $RFT_DATA_ROOT or ./data)")
-    parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE", help="dataset options")
+    parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE", type=parse_override,
+                        help="dataset options")
     parser.add_argument("--split", default="train")
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--format", choices=FORMATS, default="jpeg")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: under $RFT_CACHE_DIR/prepared)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = dict(parse_override(item) for item in args.data_option)
+    options = dict(args.data_option)
     split = get_dataset(args.dataset, root=args.root, **options).split(args.split)
     if not isinstance(split.images, FileImages):
         print(f"{args.dataset}'s {args.split} split is held in memory already; there is nothing to prepare")

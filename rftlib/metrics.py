@@ -355,12 +355,33 @@ def auroc(scores_id: ArrayLike, scores_ood: ArrayLike) -> float:
     return float(u_statistic / (n_id * n_ood))
 
 
+def threshold_at_tpr(scores_id: ArrayLike, tpr: float = 0.95) -> float:
+    """The acceptance threshold ("ID when ``score >= threshold``") that keeps a fraction ``tpr`` of ID data.
+
+    It is the largest ID score such that at least ``ceil(tpr * n_id)`` ID scores are ``>=`` it,
+    found exactly by sorting (no interpolation): with 20 ID scores and ``tpr=0.95`` it is the
+    second lowest, which keeps 19 of them.
+
+    Args:
+        scores_id: Scores of in-distribution samples (at least one).
+        tpr: Target true-positive rate in ``(0, 1]``.
+
+    Returns:
+        The threshold, one of the ID scores.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    s_id = _to_numpy(scores_id).astype(float)
+    if s_id.size == 0:
+        raise ValueError("need at least one ID score")
+    n_keep = math.ceil(tpr * s_id.size - 1e-9)  # tolerance: 0.95 * 20 must give 19, not 20
+    return float(np.sort(s_id)[s_id.size - n_keep])
+
+
 def fpr_at_tpr(scores_id: ArrayLike, scores_ood: ArrayLike, tpr: float = 0.95) -> float:
     """False-positive rate on OOD data at the threshold that accepts a fraction ``tpr`` of ID data.
 
-    The threshold is the largest ID score such that at least ``ceil(tpr * n_id)`` ID scores are
-    ``>=`` it (found exactly by sorting, no interpolation); the FPR is the fraction of OOD scores
-    ``>=`` that threshold.
+    The threshold is :func:`threshold_at_tpr`'s; the FPR is the fraction of OOD scores ``>=`` it.
 
     Args:
         scores_id: Scores of in-distribution samples.
@@ -370,12 +391,8 @@ def fpr_at_tpr(scores_id: ArrayLike, scores_ood: ArrayLike, tpr: float = 0.95) -
     Returns:
         The FPR in ``[0, 1]``; lower is better.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
     s_id, s_ood = _check_scores(scores_id, scores_ood)
-    n_keep = math.ceil(tpr * s_id.size - 1e-9)  # tolerance: 0.95 * 20 must give 19, not 20
-    threshold = np.sort(s_id)[s_id.size - n_keep]
-    return float(np.mean(s_ood >= threshold))
+    return float(np.mean(s_ood >= threshold_at_tpr(s_id, tpr)))
 
 
 def _average_precision(scores: np.ndarray, is_positive: np.ndarray) -> float:

@@ -3,14 +3,27 @@
 A method that trains is a :class:`Task`: an ``nn.Module`` holding the trainable state and the
 objective. The one shared loop (:func:`rftlib.train.fit`) owns everything else: data order,
 optimizer, schedule, precision, accumulation, distribution, checkpoints, resume, evaluation and
-model selection. A task implements:
+model selection.
 
-* :meth:`Task.training_step` -- a batch in, a dict with ``loss`` (+ scalars to log) out;
-* :meth:`Task.classifier` -- the image -> logits model to evaluate now (FLYP rebuilds its head
-  from the current text tower here);
-* :meth:`Task.checkpoint_state` / :meth:`Task.load_checkpoint_state` -- the weights to save;
-* optionally :meth:`Task.after_optimizer_step` (DPS restores frozen rows, R-Adapter updates EMA)
-  and :meth:`Task.param_groups` (custom weight decay).
+What the loop reads and calls, and when:
+
+* attributes, set by the subclass: ``clip`` (the :class:`~rftlib.models.ClipModel` being tuned:
+  its architecture facts go into every checkpoint sidecar, and ``grad_checkpointing`` switches on
+  its towers' activation recomputation), ``method_name`` (progress label and sidecar) and
+  ``method_config`` (the resolved config, stored in every sidecar);
+* once before training: :meth:`Task.param_groups` builds AdamW's groups; under ``torchrun``
+  :meth:`Task.ddp_kwargs` adds options to the ``DistributedDataParallel`` wrapper; when resuming,
+  :meth:`Task.load_checkpoint_state` receives the last checkpoint's weights;
+* every micro-step: :meth:`Task.training_step` -- a :class:`Batch` in, a dict with ``loss`` (+
+  scalars to log) out (called through ``forward`` so that DDP can wrap the task);
+* every optimiser step: :meth:`Task.trainable_parameters` when gradients are clipped, then
+  :meth:`Task.after_optimizer_step` once the weights have moved (DPS restores frozen rows,
+  R-Adapter updates its EMA);
+* every epoch end: :meth:`Task.classifier` -- the image -> logits model evaluated now (FLYP
+  rebuilds its head from the current text tower here); :meth:`Task.checkpoint_state` -- the weights
+  kept as the best so far and written to checkpoints;
+* after the last epoch: :meth:`Task.load_checkpoint_state` with the weights selected on ID
+  validation (``restore_best``).
 
 Post-hoc methods (WiSE-FT merge, DRM beta mix, R-Adapter rescale) are plain functions.
 """
@@ -24,6 +37,7 @@ import torch
 from torch import nn
 
 from .dist import all_gather_with_grad
+from .models.loading import ClipModel
 
 
 @dataclass
@@ -67,17 +81,17 @@ class Batch:
 
 
 class Task(nn.Module):
-    """Base class of trainable methods (see the module docstring).
+    """Base class of trainable methods (see the module docstring for when the loop calls what).
 
     Attributes:
+        clip: the CLIP the task tunes or builds on (set by the subclass).
         method_name: the registry name the loop reports and checkpoints under.
         method_config: the method's resolved config, stored in checkpoint sidecars.
-        ddp_find_unused: some trainable parameters get no gradient in some steps (DDP must look).
     """
 
+    clip: ClipModel
     method_name: str = ""
     method_config = None
-    ddp_find_unused: bool = False
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -96,6 +110,16 @@ class Task(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step (default: nothing)."""
+
+    def ddp_kwargs(self) -> dict:
+        """Extra ``DistributedDataParallel`` options for this task (default: none).
+
+        The loop always passes ``device_ids``, ``broadcast_buffers=False`` and
+        ``gradient_as_bucket_view=True``; what this returns is added on top (and wins). A task
+        whose trainable parameters get no gradient in some steps returns
+        ``{"find_unused_parameters": True}``, so that DDP does not wait for those gradients.
+        """
+        return {}
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

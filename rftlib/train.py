@@ -25,14 +25,17 @@ Checkpoints (``out_dir``): ``ckpt-<step>.safetensors`` (+ JSON sidecar) holds th
 ``weights_only=True``), and ``latest.json`` names the newest pair; it is replaced atomically after
 both files are complete, so a crash mid-write never corrupts the last good checkpoint.
 ``best.safetensors`` holds the weights selected on ID val.
+
+What the loop asks of a task (and when) is :mod:`rftlib.task`'s contract. The command line,
+``python -m rftlib.train``, is :mod:`rftlib.cli` (it runs a method, which calls :func:`fit`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +47,13 @@ from . import dist as rdist
 from .atomic import write_atomically, write_text_atomically
 from .data.augment import Augment
 from .data.base import RFTDataset
-from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
+from .data.loading import LoaderSettings
 from .data.pipeline import ImageSpec, normalize
 from .data.train_input import StepLayout, TrainInput
 from .evaluate import autocast_for, evaluate
 from .models.checkpoint import load_checkpoint, save_checkpoint
 from .progress import progress
-from .schedule import lr_at
+from .schedule import MIN_LR_MODES, lr_at
 from .task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -82,11 +85,40 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (papers: 0.9-1; Dassl: 0.08-1)
 
     def __post_init__(self):
+        _check_train_config(self)
         self.augmentation()  # an unknown augment or a bad crop_scale fails where it is set
 
     def augmentation(self) -> Augment:
         """The :class:`~rftlib.data.augment.Augment` these settings describe."""
         return Augment(self.augment, tuple(self.crop_scale))
+
+
+_LOWEST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "eval_batch_size": 1, "warmup_steps": 0, "seed": 0,
+           "checkpoint_every": 0, "keep_checkpoints": 0}  # the integer settings and their lowest valid value
+_RATES = ("lr", "weight_decay", "min_lr")                 # real settings >= 0
+_SWITCHES = ("amp", "grad_checkpointing", "restore_best")
+
+
+def _check_train_config(cfg: TrainConfig) -> None:
+    """Refuse a setting of the wrong type or out of range where it is set, so that a bad override
+    fails while the config is resolved, naming the setting, and not some steps into a run."""
+    values = vars(cfg)
+    for name, low in _LOWEST.items():
+        if isinstance(values[name], bool) or not isinstance(values[name], int) or values[name] < low:
+            raise ValueError(f"{name}={values[name]!r} is invalid: it must be an integer >= {low}")
+    for name in (*_RATES, *(("grad_clip",) if cfg.grad_clip is not None else ())):
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}={value!r} is invalid: it must be a finite number >= 0")
+    for name in _SWITCHES:
+        if not isinstance(values[name], bool):
+            raise ValueError(f"{name}={values[name]!r} is invalid: it must be true or false")
+    if cfg.min_lr_mode not in MIN_LR_MODES:
+        raise ValueError(f"unknown min_lr_mode {cfg.min_lr_mode!r}; valid: {', '.join(MIN_LR_MODES)}")
+    if not (cfg.select_split is None or isinstance(cfg.select_split, str)):
+        raise ValueError(f"select_split={cfg.select_split!r} is invalid: it must be a split name or null")
+    if not isinstance(cfg.eval_splits, (list, tuple)) or not all(isinstance(n, str) for n in cfg.eval_splits):
+        raise ValueError(f"eval_splits={cfg.eval_splits!r} is invalid: it must be a list of split names")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -208,8 +240,6 @@ def fit(
     settings = loader or LoaderSettings()
     if cfg.select_split is not None and cfg.select_split not in cfg.eval_splits:
         raise ValueError(f"select_split {cfg.select_split!r} must be one of eval_splits {cfg.eval_splits}")
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     train = dataset.split("train")
     layout = StepLayout(len(train), cfg.batch_size, info.world_size, info.rank, cfg.accum_steps, cfg.seed)
     total = cfg.epochs * layout.steps_per_epoch
@@ -222,10 +252,7 @@ def fit(
     opt = torch.optim.AdamW(task.param_groups(cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
     runner: nn.Module = task
     if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        runner = nn.parallel.DistributedDataParallel(
-            task, device_ids=ids, find_unused_parameters=task.ddp_find_unused, broadcast_buffers=False,
-            gradient_as_bucket_view=True)
+        runner = nn.parallel.DistributedDataParallel(task, **ddp_options(task, device))
     ckpt = _Checkpointer(out, task, dataset, cfg.keep_checkpoints)
     emit = _emitter(callbacks)
 
@@ -289,6 +316,15 @@ def fit(
                      out / "best.safetensors" if out and best["epoch"] is not None else None, last_path)
 
 
+def ddp_options(task: Task, device: torch.device) -> dict:
+    """The ``DistributedDataParallel`` options for ``task`` on ``device``: the loop's own (this rank's
+    GPU; buffers are not re-broadcast every step; gradients live in the communication buckets), then
+    whatever :meth:`Task.ddp_kwargs` adds or overrides."""
+    own = {"device_ids": [device.index] if device.type == "cuda" else None, "broadcast_buffers": False,
+           "gradient_as_bucket_view": True}
+    return {**own, **task.ddp_kwargs()}
+
+
 def _emitter(callbacks: Sequence[Callback]) -> Callable[[Event], None]:
     def emit(event: Event) -> None:
         for cb in callbacks:
@@ -336,63 +372,7 @@ class _null:
         return False
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m rftlib.train --method flyp --dataset synthwild ...`` (also under torchrun)."""
-    from .methods import run_method
+if __name__ == "__main__":  # ``python -m rftlib.train ...``: the command line lives in rftlib.cli
+    from .cli import main  # imported here, so that importing the loop never imports the methods layer
 
-    parser = argparse.ArgumentParser(description="Train one rftlib method (single process or torchrun).")
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--dataset", default="synthwild")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--model", default="synthclip")
-    parser.add_argument("--pretrained", default="synthclip")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", default=None)
-    parser.add_argument("--results-db", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. --set epochs=10 lr=1e-5")
-    parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dataset options, e.g. --data-option size=small")
-    parser.add_argument("--progress", default="text", choices=["auto", "text", "off"])
-    parser.add_argument("--workers", type=int, default=None,
-                        help="image decoding processes per rank (default: $RFT_WORKERS or the CPUs per rank - 1)")
-    parser.add_argument("--memory-budget", default=None,
-                        help="RAM a training split decoded once may take, e.g. 4G (default: $RFT_MEMORY_BUDGET)")
-    parser.add_argument("--input-path", default="auto", choices=list(INPUT_PATHS),
-                        help="training input: auto (the memory budget decides), memory or stream")
-    parser.add_argument("--on-bad-image", default="raise", choices=list(BAD_IMAGE_POLICIES),
-                        help="an unreadable training image stops the run (raise) or is dropped and counted (skip)")
-    parser.add_argument("--prepared", default=None,
-                        help="train from a copy written by data_scripts/prepare_cache.py (this folder)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    overrides = dict(parse_override(s) for s in args.set)
-    data_options = dict(parse_override(s) for s in args.data_option)
-    info = rdist.init_distributed(args.device)
-    device = torch.device(args.device, info.local_rank) if args.device == "cuda" else torch.device(args.device)
-    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    loader = LoaderSettings(workers=args.workers, memory_budget=args.memory_budget, input_path=args.input_path,
-                            on_bad_image=args.on_bad_image, prepared=args.prepared)
-    result = run_method(args.method, dataset=args.dataset, data_root=args.data_root, model=args.model,
-                        pretrained=pretrained, device=device, out_dir=args.out_dir, seed=args.seed,
-                        results_db=args.results_db, overrides=overrides, progress=args.progress,
-                        dataset_options=data_options, loader=loader)
-    if info.is_main:
-        print(json.dumps(result.summary(), indent=1, default=str))
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """``"KEY=VALUE"`` -> ``(KEY, VALUE)``, the value read as JSON when it is JSON (numbers, lists,
-    true/false, null), else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"override {text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-if __name__ == "__main__":
     main()

@@ -1,6 +1,9 @@
 """Model loading, zero-shot heads and checkpoints (tiny configs, CPU, offline)."""
 
+import ast
+import importlib.util
 import pickle
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -150,3 +153,27 @@ def test_decoded_image_cache_never_serves_another_array():
         split = Split("s", "id", ArrayImages(arr), np.zeros(2))
         assert int(decode_split(split, 8)[0, 0, 0, 0]) == value
         del arr, split
+
+
+def _imported_modules(module: str) -> set[str]:
+    """The modules ``module``'s source imports anywhere (inside functions too), as absolute names;
+    ``from a import b`` counts ``a`` and ``a.b`` (``b`` may be a module)."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    package = module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            names |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def test_checkpoint_and_loading_form_no_import_circle():
+    """checkpoint imports loading (to rebuild a CLIP); loading reaches the sidecar through the leaf
+    module, never through checkpoint, and the leaf imports neither."""
+    assert "rftlib.models.loading" in _imported_modules("rftlib.models.checkpoint")
+    assert "rftlib.models.checkpoint" not in _imported_modules("rftlib.models.loading")
+    leaf = _imported_modules("rftlib.models.sidecar")
+    assert not leaf & {"rftlib.models.checkpoint", "rftlib.models.loading", "rftlib.models"}

@@ -20,7 +20,7 @@ from rftlib.models import build_zeroshot_head, load_clip
 from rftlib.results import ResultsStore, load
 from rftlib.schedule import lr_at
 from rftlib.task import Batch, Task
-from rftlib.train import NonFiniteLossError, TrainConfig, fit
+from rftlib.train import NonFiniteLossError, TrainConfig, ddp_options, fit
 
 from .fakes import write_image_folder
 from .helpers import launch_two_ranks
@@ -172,8 +172,21 @@ def test_bad_batch_and_split_settings_fail_clearly():
         fit(task, data, TrainConfig(batch_size=10, accum_steps=3), spec=spec)
     with pytest.raises(ValueError, match="select_split 'test' must be one of"):
         fit(task, data, TrainConfig(select_split="test"), spec=spec)
-    with pytest.raises(ValueError, match="epochs must be >= 1"):
-        fit(task, data, TrainConfig(epochs=0, batch_size=16), spec=spec)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"epochs": "ten"}, "epochs='ten' is invalid"),
+    ({"epochs": 0}, "epochs=0 is invalid: it must be an integer >= 1"),
+    ({"batch_size": 0}, "batch_size=0 is invalid"),
+    ({"lr": -1e-5}, "lr=-1e-05 is invalid"),
+    ({"grad_clip": float("nan")}, "grad_clip=nan is invalid"),
+    ({"amp": "yes"}, "amp='yes' is invalid"),
+    ({"min_lr_mode": "linear"}, "valid: flyp, floor"),
+    ({"eval_splits": "id_val"}, "must be a list of split names"),
+])
+def test_train_config_refuses_bad_settings_where_they_are_set(setting, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**setting)
 
 
 def test_accumulation_matches_one_big_batch():
@@ -194,6 +207,19 @@ def test_accumulation_matches_one_big_batch():
 def test_task_interface_is_explicit():
     with pytest.raises(NotImplementedError):
         Task().classifier()
+
+
+class _SometimesUnusedTask(Task):
+    def ddp_kwargs(self) -> dict:
+        return {"find_unused_parameters": True, "broadcast_buffers": True}
+
+
+def test_ddp_options_are_the_loops_then_the_tasks():
+    assert Task().ddp_kwargs() == {}
+    own = {"device_ids": None, "broadcast_buffers": False, "gradient_as_bucket_view": True}
+    assert ddp_options(Task(), torch.device("cpu")) == own
+    assert ddp_options(_SometimesUnusedTask(), torch.device("cuda", 1)) == {
+        **own, "device_ids": [1], "find_unused_parameters": True, "broadcast_buffers": True}
 
 
 def test_cli_trains_and_prints_a_summary(tmp_path):

@@ -1,13 +1,10 @@
 """Models: CLIP loading, zero-shot heads, image classifiers and portable checkpoints."""
 
 from .checkpoint import (
-    CheckpointMismatchError,
-    check_sidecar,
     classifier_state,
     export_open_clip_weights,
     load_checkpoint,
     load_classifier,
-    read_sidecar,
     save_checkpoint,
 )
 from .heads import (
@@ -19,6 +16,7 @@ from .heads import (
     encode_class_prompts,
 )
 from .loading import PROJECT_MODELS, ClipModel, WeightsUnavailableError, get_tokenizer, list_models, load_clip
+from .sidecar import CheckpointMismatchError, check_sidecar, read_sidecar
 
 __all__ = [
     "CheckpointMismatchError", "ClipModel", "ImageClassifier", "PROJECT_MODELS", "WeightsUnavailableError",

@@ -8,12 +8,12 @@ a head, ``head.weight`` / ``head.bias``. Dropping the ``head.*`` keys leaves a s
 
 The sidecar (``<name>.json`` next to ``<name>.safetensors``) records what is needed to rebuild and
 check the model: architecture, pretrained tag, QuickGELU, the open_clip config, class names,
-method and method config, and the rftlib version. Pickles are never written or read.
+method and method config, and the rftlib version (:mod:`.sidecar` locates, reads, writes and checks
+it). Pickles are never written or read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,26 +22,10 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..atomic import write_atomically, write_text_atomically
+from ..atomic import write_atomically
 from .heads import ImageClassifier, ZeroShotHead
 from .loading import ClipModel, load_clip
-
-FORMAT = "rftlib-checkpoint/1"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not match what the caller expected; the message names the field."""
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix(".json")
-
-
-def read_sidecar(path: str | os.PathLike) -> dict:
-    side = sidecar_path(path)
-    if not side.exists():
-        raise FileNotFoundError(f"checkpoint sidecar {side} is missing (every rftlib checkpoint has one)")
-    return json.loads(side.read_text())
+from .sidecar import check_sidecar, read_sidecar, write_sidecar
 
 
 def save_checkpoint(
@@ -67,13 +51,9 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     cfg = asdict(method_config) if is_dataclass(method_config) else method_config
-    sidecar = {
-        "format": FORMAT, "rftlib_version": __version__, **clip.describe(),
-        "classnames": classnames, "method": method, "method_config": cfg, "extra": extra or {},
-    }
     write_atomically(path, lambda p: save_file(tensors, str(p)))
-    text = json.dumps(sidecar, indent=2, default=str)
-    write_text_atomically(sidecar_path(path), text)
+    write_sidecar(path, {"rftlib_version": __version__, **clip.describe(), "classnames": classnames,
+                         "method": method, "method_config": cfg, "extra": extra or {}})
     return path
 
 
@@ -81,7 +61,7 @@ def load_checkpoint(path: str | os.PathLike, **expected: Any) -> tuple[dict[str,
     """Read a checkpoint's tensors and sidecar, checking ``expected`` sidecar fields.
 
     Example: ``load_checkpoint(p, architecture="ViT-B-16", classnames=names)`` raises
-    :class:`CheckpointMismatchError` naming the first field that differs.
+    :class:`~rftlib.models.sidecar.CheckpointMismatchError` naming the first field that differs.
     """
     from safetensors.torch import load_file
 
@@ -93,23 +73,6 @@ def load_checkpoint(path: str | os.PathLike, **expected: Any) -> tuple[dict[str,
     sidecar = read_sidecar(path)
     check_sidecar(sidecar, path=path, **expected)
     return load_file(str(path)), sidecar
-
-
-def check_sidecar(sidecar: dict, *, path: str | os.PathLike = "checkpoint", **expected: Any) -> None:
-    for key, want in expected.items():
-        have = sidecar.get(key)
-        if have != want:
-            detail = _list_difference(have, want) if isinstance(want, list) else f"{have!r} != {want!r}"
-            raise CheckpointMismatchError(f"{path}: field {key!r} differs: checkpoint has {detail}")
-
-
-def _list_difference(have, want: list) -> str:
-    if not isinstance(have, list):
-        return f"{have!r}, expected a list of {len(want)}"
-    if len(have) != len(want):
-        return f"{len(have)} entries, expected {len(want)}"
-    i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
-    return f"entry {i} = {have[i]!r}, expected {want[i]!r}"
 
 
 def classifier_state(clip: ClipModel, head: ZeroShotHead | None = None) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
+from .sidecar import find_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def load_clip(
     source = _resolve_weights(model, pretrained)
     quick_gelu = bool(force_quick_gelu) if force_quick_gelu is not None else bool(cfg.get("quick_gelu", False))
     if isinstance(source, Path):
-        sidecar = _sidecar_for(source)
+        sidecar = find_sidecar(source)
         if sidecar is not None:
             _check_sidecar_architecture(sidecar, model, source)
             if force_quick_gelu is None:
@@ -272,12 +273,6 @@ def _weights_error(model: str, tag: str | None, err: Exception) -> Exception:
         "with internet (they are cached by huggingface_hub), or pass a local weights file as "
         f"`pretrained=`. Original error: {str(err).splitlines()[0][:300]}"
     )
-
-
-def _sidecar_for(path: Path) -> dict | None:
-    from .checkpoint import read_sidecar, sidecar_path
-
-    return read_sidecar(path) if sidecar_path(path).exists() else None
 
 
 def _check_sidecar_architecture(sidecar: dict, model: str, path: Path) -> None:

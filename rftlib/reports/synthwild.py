@@ -19,7 +19,7 @@ import time
 
 import pandas as pd
 
-from ..train import parse_override
+from ..cli import parse_override
 
 ID_SPLIT, OOD_SPLIT, METRIC = "id_test", "test", "macro_f1"
 TARGETS = {
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results-db", default=None)
     parser.add_argument("--zeroshot-only", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=parse_override,
                         help="fine-tuning overrides, e.g. --set augment=rrc epochs=6")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    overrides = dict(parse_override(item) for item in args.set)
+    overrides = dict(args.set)
     numbers = measure(pretrained=args.pretrained, seed=args.seed, device=args.device, results_db=args.results_db,
                       zeroshot_only=args.zeroshot_only, overrides=overrides)
     print(format_report(numbers))

@@ -1,0 +1,78 @@
+"""The JSON sidecar next to every rftlib checkpoint: where it lives, how it is read, written and checked.
+
+``<name>.json`` sits next to ``<name>.safetensors`` and records what is needed to rebuild and check
+the weights (architecture, pretrained tag, QuickGELU, class names, method and its config; see
+:func:`rftlib.models.save_checkpoint` for the fields). Two modules need it: :mod:`.checkpoint`
+writes one with every checkpoint and reads it back, and :mod:`.loading` reads it to refuse a local
+weights file saved for another architecture. This module imports neither of them, so neither
+imports the other to reach the sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomically
+
+FORMAT = "rftlib-checkpoint/1"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match what the caller expected; the message names the field."""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The sidecar of the weights file ``path``: the same name with a ``.json`` suffix."""
+    return Path(path).with_suffix(".json")
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The sidecar of the weights file ``path``.
+
+    Raises:
+        FileNotFoundError: there is none (every rftlib checkpoint has one).
+    """
+    side = sidecar_path(path)
+    if not side.exists():
+        raise FileNotFoundError(f"checkpoint sidecar {side} is missing (every rftlib checkpoint has one)")
+    return json.loads(side.read_text())
+
+
+def find_sidecar(path: str | os.PathLike) -> dict | None:
+    """The sidecar of ``path`` if it has one (an rftlib checkpoint), else ``None`` (plain weights)."""
+    return read_sidecar(path) if sidecar_path(path).exists() else None
+
+
+def write_sidecar(path: str | os.PathLike, fields: dict[str, Any]) -> Path:
+    """Write ``fields`` (plus the ``format`` tag) as the sidecar of ``path``, atomically.
+
+    Values JSON cannot hold are written as their ``str``. Returns the sidecar's path.
+    """
+    text = json.dumps({"format": FORMAT, **fields}, indent=2, default=str)
+    return write_text_atomically(sidecar_path(path), text)
+
+
+def check_sidecar(sidecar: dict, *, path: str | os.PathLike = "checkpoint", **expected: Any) -> None:
+    """Compare sidecar fields with ``expected`` values.
+
+    Raises:
+        CheckpointMismatchError: naming the first field that differs (and, for lists such as the
+            class names, the first entry that differs).
+    """
+    for key, want in expected.items():
+        have = sidecar.get(key)
+        if have != want:
+            detail = _list_difference(have, want) if isinstance(want, list) else f"{have!r} != {want!r}"
+            raise CheckpointMismatchError(f"{path}: field {key!r} differs: checkpoint has {detail}")
+
+
+def _list_difference(have, want: list) -> str:
+    if not isinstance(have, list):
+        return f"{have!r}, expected a list of {len(want)}"
+    if len(have) != len(want):
+        return f"{len(have)} entries, expected {len(want)}"
+    i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+    return f"entry {i} = {have[i]!r}, expected {want[i]!r}"
