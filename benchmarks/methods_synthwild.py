@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from rftlib.cli import parse_override
 from rftlib.data import get_dataset
 from rftlib.methods import get_config, list_methods, run_method
 from rftlib.models import load_clip
 from rftlib.registry import UnknownNameError
-from rftlib.train import parse_override
 
 
 def _applicable(method: str, overrides: dict) -> dict:
@@ -43,14 +43,15 @@ def _applicable(method: str, overrides: dict) -> dict:
     return kept
 
 
-def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path], extra: dict) -> dict:
+def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path], extra: dict,
+            results_db: str | None = None) -> dict:
     """Run ``method`` once on its preset (plus the ``extra`` overrides it has) and return one table row."""
     overrides = _applicable(method, extra)
     if method == "wiseft" and seed in finetuned:
         overrides["finetuned"] = str(finetuned[seed])
     clip = load_clip("synthclip", "synthclip")
     start = time.perf_counter()
-    result = run_method(method, data=data, clip=clip, seed=seed, results_db=str(work / "results.db"),
+    result = run_method(method, data=data, clip=clip, seed=seed, results_db=results_db or str(work / "results.db"),
                         out_dir=work / f"{method}-{seed}", progress="off", overrides=overrides)
     seconds = time.perf_counter() - start
     if method == "finetune" and result.checkpoint is not None:
@@ -71,10 +72,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="default: every registered method (alphabetical, so finetune runs before wiseft)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=parse_override,
                         help="config overrides for every method whose config has the field, e.g. augment=rrc")
+    parser.add_argument("--results-db", default=None,
+                        help="keep the runs' rows in this results store (e.g. to open compare.ipynb on it; "
+                             "default: a throw-away one)")
     args = parser.parse_args(argv)
-    extra = dict(parse_override(item) for item in args.set)
+    extra = dict(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = get_dataset("synthwild")
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as tmp:
         for seed in args.seeds:
             for method in args.methods:
-                row = run_one(method, seed, data, Path(tmp), finetuned, extra)
+                row = run_one(method, seed, data, Path(tmp), finetuned, extra, args.results_db)
                 rows.append(row)
                 print(f"  {method:<13} seed {seed}: ID {row['ID']:.3f}  OOD {row['OOD']:.3f}  {row['seconds']:.0f} s",
                       flush=True)

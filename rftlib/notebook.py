@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import knobs
+from .axes import Axes
 from .progress import MODES, set_progress
 
 log = logging.getLogger(__name__)
-UNIT_KNOBS = ("alpha", "mask_ratio", "beta", "scale")
 
 
 class ParameterError(ValueError):
@@ -44,10 +45,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def check_unit_interval(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ParameterError(f"{name}={value!r} is out of range: it must be a number in [0, 1]")
-    return float(value)
+def check_knob(name: str, value: Any) -> float:
+    """A knob parameter checked against its declaration (:mod:`rftlib.knobs`)."""
+    try:
+        return knobs.check(name, value)
+    except ValueError as err:
+        raise ParameterError(str(err)) from None
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
@@ -93,17 +96,25 @@ class Session:
         """Run a method on the session's data and a fresh model; ``overrides`` go to its config.
 
         The session's ``epochs``/``batch_size`` reach every method whose config has them (not the
-        zero-shot model or the linear probe); an explicit override wins, e.g. ``epochs=None`` for a
-        WiSE-FT merge of a finished run, which trains nothing.
+        zero-shot model or the linear probe), and the base run of a method that trains one
+        (WiSE-FT's ``base_overrides``) unless it merges a given checkpoint; an explicit override wins.
         """
         from .methods import get_method, run_method
         from .methods.common import config_options
 
         accepted = config_options(get_method(method).Config)
         shared = {k: v for k, v in self.overrides.items() if k in accepted}
+        rest = {k: v for k, v in self.overrides.items() if k not in accepted}
+        if rest and "base_overrides" in accepted and not overrides.get("finetuned"):
+            overrides = {**overrides, "base_overrides": {**rest, **(overrides.get("base_overrides") or {})}}
         return run_method(method, data=self.load_data(), clip=self.load_model(), device=self.device, seed=self.seed,
                           results_db=self.results_db, overrides={**shared, **overrides},
                           progress=self.progress, callbacks=callbacks)
+
+    def axes(self) -> Axes:
+        """What the session's ID-vs-OOD plots read: each split's headline metric, ``id_test`` on x,
+        the mean over the OOD test splits on y (:class:`rftlib.axes.Axes`)."""
+        return Axes.from_facts(self.load_data().split_facts())
 
     def results(self, **filters) -> pd.DataFrame:
         """The results store as a tidy DataFrame (filtered, e.g. ``method="wiseft"``)."""
@@ -114,7 +125,7 @@ class Session:
 
 def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synthclip", pretrained: str = "synthclip",
           epochs: int | None = None, batch_size: int | None = None, seed: int = 0, device: str = "auto",
-          results_db: str = "", progress: str = "auto", **knobs: Any) -> Session:
+          results_db: str = "", progress: str = "auto", **knob_values: Any) -> Session:
     """Validate a notebook's parameters and return its :class:`Session`.
 
     Args:
@@ -125,7 +136,7 @@ def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synt
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         results_db: SQLite results file ("" = ``$RFT_RESULTS_DB`` or ``rft_runs/results.db``).
         progress: ``auto`` | ``text`` | ``off``.
-        **knobs: method knobs; ``alpha``, ``mask_ratio``, ``beta``, ``scale`` must lie in [0, 1].
+        **knob_values: method knobs (:data:`rftlib.knobs.KNOBS`), each checked against its range.
 
     Raises:
         ParameterError: naming the first invalid parameter.
@@ -143,14 +154,13 @@ def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synt
         overrides["epochs"] = epochs
     if check_positive_int("batch_size", batch_size) is not None:
         overrides["batch_size"] = batch_size
-    for name, value in knobs.items():
-        if name in UNIT_KNOBS:
-            check_unit_interval(name, value)
+    for name, value in knob_values.items():
+        check_knob(name, value)
     set_progress(progress)
     weights = None if str(pretrained).lower() in ("", "none") else pretrained
     return Session(dataset=dataset, data_root=data_root or None, model=model, pretrained=weights,
                    device=resolve_device(device), seed=seed, results_db=results_db or os.environ.get("RFT_RESULTS_DB"),
-                   progress=progress, overrides=overrides, knobs=knobs)
+                   progress=progress, overrides=overrides, knobs=knob_values)
 
 
 def unit_grid(points: int) -> list[float]:
@@ -161,12 +171,11 @@ def unit_grid(points: int) -> list[float]:
     return [round(float(x), 4) for x in np.linspace(0.0, 1.0, points)]
 
 
-def id_ood_table(sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
-                 ood_split: str | None = None) -> pd.DataFrame:
+def id_ood_table(sweep: pd.DataFrame, knob: str, *, axes: Axes | None = None) -> pd.DataFrame:
     """A sweep as a small knob x (ID, OOD) table for display (axes: :func:`rftlib.viz.sweep_axes`)."""
     from .viz import id_ood_points
 
-    return id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split).set_index(knob).round(4)
+    return id_ood_points(sweep, knob, axes=axes).set_index(knob).round(4)
 
 
 def metrics_table(result, *, metric: str | None = None) -> pd.DataFrame:
@@ -175,21 +184,21 @@ def metrics_table(result, *, metric: str | None = None) -> pd.DataFrame:
     return table[[metric]] if metric else table
 
 
-def wiseft_exact(result, session: Session, *, subset: int = 500, id_split: str = "id_test", ood_split: str = "test"):
+def wiseft_exact(result, session: Session, *, subset: int = 500):
     """A callable ``alpha -> (id, ood)`` that merges the weights at ``alpha`` and evaluates for real
-    on the first ``subset`` images of each split (the "Evaluate exactly" button of the explorer)."""
+    on the first ``subset`` images of each split the session's axes read (the "Evaluate exactly"
+    button of the explorer)."""
     from .data.pipeline import ImageSpec
     from .evaluate import evaluate
 
-    wise, data = result.extra["wise"], session.load_data()
+    wise, data, axes = result.extra["wise"], session.load_data(), session.axes()
     spec = ImageSpec.of(wise.clip)
-    splits = {s: data.split(s).subset(np.arange(min(subset, len(data.split(s))))) for s in (id_split, ood_split)}
-    metric = data.headline_metric(id_split)
+    splits = {s: data.split(s).subset(np.arange(min(subset, len(data.split(s))))) for s in axes.splits()}
 
     def exact(alpha: float) -> tuple[float, float]:
         model = wise.model_at(alpha)
-        return tuple(evaluate(model, data, splits[s], spec, device=session.device).metrics[metric]
-                     for s in (id_split, ood_split))
+        return axes.values({s: evaluate(model, data, split, spec, device=session.device).metrics
+                            for s, split in splits.items()})
     return exact
 
 
@@ -209,20 +218,20 @@ def ensure_baselines(session: Session, baselines: tuple[str, ...] = ("zeroshot",
     return session.results(dataset=session.dataset)
 
 
-def drm_beta_fn(result, session: Session, *, id_split: str = "id_test", ood_split: str = "test"):
+def drm_beta_fn(result, session: Session):
     """A callable ``beta -> (id, ood)`` mixing cached logits of a DRM run: one image-encoder pass per
-    split up front, then every slider move is a softmax mix and a metric (milliseconds)."""
+    split the session's axes read, then every slider move is a softmax mix and a metric
+    (milliseconds)."""
     from .data.pipeline import ImageSpec
     from .methods.drm import dual_logits, head_logits
 
-    data, model = session.load_data(), result.classifier
+    data, model, axes = session.load_data(), result.classifier, session.axes()
     spec = ImageSpec.of(result.clip)
-    cached = {s: head_logits(model, data, s, spec, device=session.device) for s in (id_split, ood_split)}
-    metric = data.headline_metric(id_split)
+    cached = {s: head_logits(model, data, s, spec, device=session.device) for s in axes.splits()}
 
     def values(beta: float) -> tuple[float, float]:
-        return tuple(data.compute_metrics(s, dual_logits(*cached[s], float(beta)).argmax(1).numpy())[metric]
-                     for s in (id_split, ood_split))
+        return axes.values({s: data.compute_metrics(s, dual_logits(*logits, float(beta)).argmax(1).numpy())
+                            for s, logits in cached.items()})
     return values
 
 
@@ -230,20 +239,8 @@ def croft_scores(result, session: Session, *, kind: str = "energy", id_split: st
                  ood_split: str = "openset") -> pd.DataFrame:
     """Per-example open-set detection scores of a CRoFT run (ID test vs held-out classes)."""
     from .data.pipeline import ImageSpec
-    from .methods.croft import detection_scores
+    from .detection import detection_scores
 
     data = session.load_data()
     return detection_scores(result.classifier, data.split(id_split), {ood_split: data.split(ood_split)},
                             ImageSpec.of(result.clip), kinds=(kind,), device=session.device)
-
-
-def dps_sweep(result, session: Session, ratios, *, epochs: int = 1) -> pd.DataFrame:
-    """Train DPS once per mask ratio (short schedule), reusing the run's reference checkpoint."""
-    from .methods.dps import sweep_mask_ratios
-
-    for ratio in ratios:
-        check_unit_interval("mask_ratio", ratio)
-    overrides = {**session.overrides, "epochs": epochs}
-    return sweep_mask_ratios(list(ratios), dataset=session.load_data(), clip=session.load_model(),
-                             reference=result.extra.get("reference"), device=session.device, seed=session.seed,
-                             results_db=session.results_db, overrides=overrides, progress=session.progress)

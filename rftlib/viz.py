@@ -6,12 +6,11 @@ ipywidgets, so it is all testable headless. :mod:`rftlib.widgets` binds these fi
 
 The frames:
 
-* a **sweep table**: one row per (knob value, split, metric) with columns ``<knob>`` (one of
-  :data:`KNOBS`), ``split``, ``role``, ``metric``, ``value`` -- e.g. what
-  :func:`rftlib.methods.wiseft.sweep` returns for ``alpha``. Duplicate rows (several seeds) are
-  averaged.
-* the **results store** (:func:`rftlib.results.load`): one row per logged metric, with the knob
-  columns empty for plain runs.
+* a **sweep table**: one row per (knob value, split, metric) with columns ``<knob>`` (a name
+  of :data:`rftlib.knobs.KNOBS`), ``split``, ``role``, ``metric``, ``value`` -- e.g. a run's
+  ``extra["sweep"]`` for WiSE-FT's ``alpha``. Duplicate rows (several seeds) are averaged.
+* the **results store** (:func:`rftlib.results.load`): one row per logged metric, with a ``kind``
+  and one column per knob (NaN where a row has none).
 * **training events** (:class:`rftlib.train.Event`), turned into a tidy frame by
   :func:`events_frame`.
 * **detection scores**: columns ``score`` (higher = more in-distribution, as in
@@ -29,12 +28,10 @@ Displaying: in a live notebook just display the figure. For executed (papermill)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +40,19 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from . import metrics as rmetrics
+from .axes import Axes
+from .data.base import split_use
+from .knobs import KNOBS
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "KNOBS", "compare_methods", "detection_histogram", "detection_rates", "detection_title", "evaluate_grid",
+    "compare_methods", "detection_histogram", "detection_rates", "detection_title", "evaluate_grid",
     "eval_trace", "events_frame", "headline_metric", "id_ood_curve", "id_ood_figure", "id_ood_points", "knob_curves",
     "knob_title", "loss_trace", "marker_trace", "point_at", "save_html", "show_static", "static_bundle",
     "threshold_at_tpr", "training_curves",
 ]
-
-KNOBS = ("alpha", "mask_ratio", "beta", "scale")
-"""The knob columns of sweep tables and of the results store."""
-
-ENDPOINT_LABELS: dict[str, dict[float, str]] = {"alpha": {0.0: "zero-shot", 1.0: "fine-tuned"}}
-"""Names for special knob values (WiSE-FT's alpha = 0 is the zero-shot model, 1 the fine-tuned)."""
 
 HEADLINE_PREFERENCE = ("macro_f1", "accuracy")
 """Metrics tried, in order, when a training plot has to pick its headline metric itself."""
@@ -98,8 +94,10 @@ def knob_title(knob: str, value: float, id_value: float, ood_value: float, *, di
 
 
 def _endpoint_label(knob: str, value: float) -> str:
-    """``"zero-shot"``/``"fine-tuned"`` for alpha 0/1, ``"<knob>=<value>"`` otherwise."""
-    for special, label in ENDPOINT_LABELS.get(knob, {}).items():
+    """A declared end point's name (:attr:`rftlib.knobs.Knob.ends`: alpha 0 is ``"zero-shot"``),
+    ``"<knob>=<value>"`` otherwise."""
+    ends = KNOBS.get(knob).ends if knob in KNOBS else {}
+    for special, label in ends.items():
         if math.isclose(value, special, abs_tol=1e-9):
             return label
     return f"{knob}={value:g}"
@@ -107,62 +105,69 @@ def _endpoint_label(knob: str, value: float) -> str:
 
 # --------------------------------------------------------------------------- ID/OOD points
 def sweep_axes(sweep: pd.DataFrame, metric: str | None = None, id_split: str | None = None,
-               ood_split: str | None = None) -> tuple[str, str, str]:
-    """The metric and the (ID, OOD) splits a sweep is drawn with, filling in the ones not given.
+               ood_split: str | None = None, *, axes: Axes | None = None) -> Axes:
+    """The :class:`~rftlib.axes.Axes` a sweep table is drawn with (``axes`` itself when given).
 
-    The metric: the first of :data:`HEADLINE_PREFERENCE` the table has (``macro_f1`` for WILDS and
-    synthwild, ``accuracy`` for ImageNet and folders). The splits: ``id_test`` and ``test`` (WILDS
-    names) when present, else the table's first split of role ``id`` and of role ``ood`` (e.g.
-    ImageNet's ``imagenet-v2``).
+    Each split is read in its headline metric: the metric of its rows marked ``headline`` (a
+    run's sweep tables mark them), else the first of :data:`HEADLINE_PREFERENCE` it has. The ID
+    axis is ``id_test`` (else the first ID test split), the OOD axis the mean over the OOD test
+    splits (WILDS' ``test``; every ImageNet shift); ``metric``, ``id_split`` and ``ood_split``
+    override those choices.
     """
-    if metric is None:
-        present = set(sweep["metric"].dropna())
-        metric = next((m for m in HEADLINE_PREFERENCE if m in present), None) or sorted(present or {"macro_f1"})[0]
-    return metric, id_split or _split_of(sweep, "id", "id_test"), ood_split or _split_of(sweep, "ood", "test")
+    if axes is not None:
+        return axes
+    facts = {}
+    for split, rows in sweep.groupby("split", sort=False):
+        role = rows["role"].iloc[0] if "role" in rows else ("id" if str(split).startswith("id") else "ood")
+        facts[str(split)] = {"role": role, "use": split_use(str(split)), "metric": _split_metric(rows)}
+    return Axes.from_facts(facts, metric=metric, id_split=id_split, ood_split=ood_split)
 
 
-def _split_of(sweep: pd.DataFrame, role: str, preferred: str) -> str:
-    splits = list(dict.fromkeys(sweep["split"].dropna()))
-    if preferred in splits or "role" not in sweep:
-        return preferred
-    of_role = list(dict.fromkeys(sweep.loc[sweep["role"] == role, "split"].dropna()))
-    return of_role[0] if of_role else preferred
+def _split_metric(rows: pd.DataFrame) -> str:
+    """One split's headline metric in a sweep table (marked rows first, then the preference)."""
+    if "headline" in rows and rows["headline"].fillna(False).astype(bool).any():
+        return str(rows.loc[rows["headline"].fillna(False).astype(bool), "metric"].iloc[0])
+    present = set(rows["metric"].dropna())
+    return next((m for m in HEADLINE_PREFERENCE if m in present), None) or sorted(present or {"accuracy"})[0]
 
 
 def id_ood_points(
     sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
-    ood_split: str | None = None,
+    ood_split: str | None = None, axes: Axes | None = None,
 ) -> pd.DataFrame:
-    """Pivot a tidy sweep table into one row per knob value with its ID and OOD metric.
+    """Pivot a tidy sweep table into one row per knob value with its ID and OOD number.
 
     Rows whose knob is missing are ignored, so a results-store frame of one method works too;
     duplicate rows for one knob value (several seeds) are averaged.
 
     Args:
-        sweep: Tidy frame with columns ``<knob>``, ``split``, ``metric``, ``value`` (and ``role``).
+        sweep: Tidy frame with columns ``<knob>``, ``split``, ``metric``, ``value`` (and ``role``,
+            ``headline``).
         knob: The knob column, e.g. ``"alpha"``.
-        metric: The metric to read (default: :func:`sweep_axes`'s choice).
-        id_split: The split whose metric goes on the x axis (default: :func:`sweep_axes`'s choice).
-        ood_split: The split whose metric goes on the y axis (default: :func:`sweep_axes`'s choice).
+        metric, id_split, ood_split, axes: what the axes read (default: :func:`sweep_axes`).
 
     Returns:
         A frame with columns ``[knob, "id", "ood"]`` sorted by the knob; knob values lacking
-        either split are dropped.
+        one of the axes' splits are dropped.
 
     Raises:
-        ValueError: if a column, the metric or one of the splits is missing.
+        ValueError: if a column, a metric or one of the splits is missing.
     """
     _require_columns(sweep, [knob, "split", "metric", "value"], "sweep table")
-    metric, id_split, ood_split = sweep_axes(sweep, metric, id_split, ood_split)
-    rows = sweep[(sweep["metric"] == metric) & sweep[knob].notna()]
-    for split in (id_split, ood_split):
-        if not (rows["split"] == split).any():
-            raise ValueError(f"no {metric!r} rows for split {split!r} with {knob} set; the table has metrics "
-                             f"{sorted(sweep['metric'].dropna().unique())} and splits "
-                             f"{sorted(sweep['split'].dropna().unique())}")
-    mean = rows.groupby([knob, "split"])["value"].mean()
-    points = pd.DataFrame({"id": mean.xs(id_split, level="split"), "ood": mean.xs(ood_split, level="split")})
-    points = points.dropna().rename_axis(knob).reset_index()
+    axes = sweep_axes(sweep, metric, id_split, ood_split, axes=axes)
+    rows = sweep[sweep[knob].notna()]
+    mean = rows.groupby([knob, "split", "metric"])["value"].mean()
+    columns = {}
+    for axis, pairs in (("id", axes.id), ("ood", axes.ood)):
+        parts = []
+        for split, name in pairs:
+            if (split, name) not in mean.index.droplevel(0):
+                raise ValueError(f"no {name!r} rows for split {split!r} with {knob} set; the table has metrics "
+                                 f"{sorted(sweep['metric'].dropna().unique())} and splits "
+                                 f"{sorted(sweep['split'].dropna().unique())}")
+            parts.append(mean.xs((split, name), level=("split", "metric")))
+        columns[axis] = pd.concat(parts, axis=1).mean(axis=1, skipna=False)
+    points = pd.DataFrame(columns).dropna().rename_axis(knob).reset_index()
     points[knob] = points[knob].astype(float)
     return points.sort_values(knob, ignore_index=True)
 
@@ -262,8 +267,8 @@ def marker_trace(name: str, xs: Iterable[float], ys: Iterable[float], values: It
 
 
 def id_ood_figure(
-    points: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
-    highlight: float | None = None, title: str | None = None,
+    points: pd.DataFrame, knob: str, *, axes: Axes | None = None, highlight: float | None = None,
+    title: str | None = None,
 ) -> go.Figure:
     """The ID-vs-OOD curve of a knob from a points frame (see :func:`id_ood_curve`).
 
@@ -273,9 +278,7 @@ def id_ood_figure(
     Args:
         points: Frame with columns ``[knob, "id", "ood"]``.
         knob: The knob column.
-        metric: Metric name, for the axis titles.
-        id_split: ID split name, for the x axis title.
-        ood_split: OOD split name, for the y axis title.
+        axes: what the points were read from, for the axis titles.
         highlight: Knob value to mark with a big ``selected`` marker (snapped to the nearest grid
             value); the default title then reads like :func:`knob_title`.
         title: Title text (overrides the default).
@@ -284,20 +287,20 @@ def id_ood_figure(
         The figure.
     """
     fig = go.Figure([_reference_trace(points), _curve_trace(points, knob), _endpoint_trace(points, knob)])
-    default_title = f"ID vs OOD {metric} across {knob}"
+    default_title = f"ID vs OOD {axes.metrics} across {knob}" if axes else f"ID vs OOD across {knob}"
     if highlight is not None:
         p = point_at(points, knob, highlight, interpolate=False)
         fig.add_trace(marker_trace("selected", [p["id"]], [p["ood"]], [p["value"]], knob, color=COLORS["selected"]))
         default_title = knob_title(knob, p["value"], p["id"], p["ood"])
     fig.update_layout(title={"text": title or default_title}, template=TEMPLATE, hovermode="closest",
-                      xaxis_title=f"ID {metric} ({id_split})", yaxis_title=f"OOD {metric} ({ood_split})",
+                      xaxis_title=axes.title("id") if axes else "ID", yaxis_title=axes.title("ood") if axes else "OOD",
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0})
     return fig
 
 
 def id_ood_curve(
-    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
-    highlight: float | None = None, title: str | None = None,
+    sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
+    ood_split: str | None = None, axes: Axes | None = None, highlight: float | None = None, title: str | None = None,
 ) -> go.Figure:
     """ID metric (x) against OOD metric (y) along a knob sweep, the WiSE-FT picture.
 
@@ -308,9 +311,7 @@ def id_ood_curve(
     Args:
         sweep: Tidy sweep table (see the module docstring).
         knob: The knob column, e.g. ``"alpha"``.
-        metric: The metric on both axes.
-        id_split: The ID split (x axis).
-        ood_split: The OOD split (y axis).
+        metric, id_split, ood_split, axes: what the axes read (default: :func:`sweep_axes`).
         highlight: Knob value to mark (nearest grid value); the title then shows it, e.g.
             ``"alpha=0.50 · ID 0.812 · OOD 0.701"``.
         title: Title text (overrides the default).
@@ -318,42 +319,40 @@ def id_ood_curve(
     Returns:
         The figure.
     """
-    points = id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
-    return id_ood_figure(points, knob, metric=metric, id_split=id_split, ood_split=ood_split,
-                         highlight=highlight, title=title)
+    axes = sweep_axes(sweep, metric, id_split, ood_split, axes=axes)
+    return id_ood_figure(id_ood_points(sweep, knob, axes=axes), knob, axes=axes, highlight=highlight, title=title)
 
 
 def knob_curves(
-    sweep: pd.DataFrame, knob: str, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
-    highlight: float | None = None, title: str | None = None,
+    sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
+    ood_split: str | None = None, axes: Axes | None = None, highlight: float | None = None, title: str | None = None,
 ) -> go.Figure:
     """The ID and the OOD metric against the knob: two lines, and a dotted vertical line at ``highlight``.
 
     Args:
         sweep: Tidy sweep table.
         knob: The knob column (x axis).
-        metric: The metric (y axis).
-        id_split: The ID split.
-        ood_split: The OOD split.
+        metric, id_split, ood_split, axes: what the two lines read (default: :func:`sweep_axes`).
         highlight: Knob value marked by a vertical line (shape named ``"selected"``).
         title: Title text (overrides the default).
 
     Returns:
-        The figure, with traces named ``"ID (<id_split>)"`` and ``"OOD (<ood_split>)"``.
+        The figure, with traces named after the axes (``"ID macro_f1 (id_test)"``, ...).
     """
-    points = id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
+    axes = sweep_axes(sweep, metric, id_split, ood_split, axes=axes)
+    points = id_ood_points(sweep, knob, axes=axes)
     fig = go.Figure()
-    for column, split, role in (("id", id_split, "ID"), ("ood", ood_split, "OOD")):
-        fig.add_scatter(x=points[knob], y=points[column], mode="lines+markers", name=f"{role} ({split})",
+    for column in ("id", "ood"):
+        fig.add_scatter(x=points[knob], y=points[column], mode="lines+markers", name=axes.title(column),
                         line={"color": COLORS[column]},
-                        hovertemplate=f"{knob}=%{{x:.2f}}<br>{role} %{{y:.3f}}<extra></extra>")
-    default_title = f"{metric} across {knob}"
+                        hovertemplate=f"{knob}=%{{x:.2f}}<br>{column.upper()} %{{y:.3f}}<extra></extra>")
+    default_title = f"{axes.metrics} across {knob}"
     if highlight is not None:
         p = point_at(points, knob, highlight, interpolate=False)
         fig.add_vline(x=p["value"], line={"dash": "dot", "color": COLORS["selected"]}, name="selected")
         default_title = knob_title(knob, p["value"], p["id"], p["ood"])
     fig.update_layout(title={"text": title or default_title}, template=TEMPLATE, xaxis_title=knob,
-                      yaxis_title=metric, hovermode="x unified")
+                      yaxis_title=axes.metrics, hovermode="x unified")
     return fig
 
 
@@ -443,184 +442,73 @@ def training_curves(events_or_frame: Iterable[Any] | pd.DataFrame, *, metric: st
 
 
 # --------------------------------------------------------------------------- comparing methods
-def _single_dataset(results: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
-    """Keep one dataset's rows; refuse to mix datasets silently."""
-    if dataset is not None:
-        return results[results["dataset"] == dataset]
-    found = sorted(results["dataset"].dropna().unique())
-    if len(found) > 1:
-        raise ValueError(f"the results hold several datasets {found}; pass dataset=...")
-    return results
+def _endpoints(table: pd.DataFrame, zero_shot: str, fine_tuned: str) -> tuple[tuple, tuple] | None:
+    """The zero-shot and fine-tuned (ID, OOD) means of one backbone's table, when both are there."""
+    found = {r.method: (r.id_mean, r.ood_mean) for r in table.itertuples() if r.method in (zero_shot, fine_tuned)}
+    return (found[zero_shot], found[fine_tuned]) if len(found) == 2 else None
 
 
-def _seed_keys(rows: pd.DataFrame) -> pd.Series:
-    """The seed of each row as a string, or ``run:<run_id>`` when the seed was not logged."""
-    seeds = rows["seed"].astype("string")
-    return seeds.fillna("run:" + rows["run_id"].astype(str))
-
-
-def _final_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, split): the rows of the final model (epoch empty) or else of the last epoch."""
-    pieces = []
-    for _, group in rows.groupby(["run_id", "split"], sort=False):
-        final = group[group["epoch"].isna()]
-        pieces.append(final if len(final) else group[group["epoch"] == group["epoch"].max()])
-    return pd.concat(pieces) if pieces else rows.iloc[:0]
-
-
-def _per_seed(rows: pd.DataFrame, id_split: str, ood_split: str, by: list[str]) -> pd.DataFrame:
-    """Average duplicates to one (ID, OOD) pair per ``by`` + seed, dropping incomplete pairs."""
-    if rows.empty:
-        return pd.DataFrame(columns=[*by, "seed_key", "id", "ood"])
-    rows = rows.assign(seed_key=_seed_keys(rows))
-    wide = rows.pivot_table(index=[*by, "seed_key"], columns="split", values="value", aggfunc="mean")
-    if id_split not in wide or ood_split not in wide:
-        return pd.DataFrame(columns=[*by, "seed_key", "id", "ood"])
-    wide = wide[[id_split, ood_split]].rename(columns={id_split: "id", ood_split: "ood"}).dropna()
-    return wide.reset_index().rename_axis(columns=None)
-
-
-def _summarise(per_seed: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean and sample standard deviation (ddof=1; NaN for one seed) over seeds."""
-    grouped = per_seed.groupby(by, sort=False)
-    table = grouped.agg(n_seeds=("id", "size"), id_mean=("id", "mean"), id_std=("id", "std"),
-                        ood_mean=("ood", "mean"), ood_std=("ood", "std"))
-    return table.reset_index()
-
-
-def _no_knobs(rows: pd.DataFrame, except_knob: str | None = None) -> pd.Series:
-    """Mask of rows whose knob columns (all but ``except_knob``) are empty."""
-    mask = pd.Series(True, index=rows.index)
-    for knob in KNOBS:
-        if knob != except_knob and knob in rows:
-            mask &= rows[knob].isna()
-    return mask
-
-
-def _config_number(text: str, key: str) -> float | None:
-    """A number from a ``config_json`` cell: a JSON object's key, or ``key=<number>`` in a stored repr."""
-    try:
-        config = json.loads(text)
-    except ValueError:
-        config = text
-    if isinstance(config, dict):
-        value = config.get(key)
-        return float(value) if isinstance(value, numbers.Real) else None
-    found = re.search(rf"\b{re.escape(key)}=([-+0-9.eE]+)", str(config))
-    return float(found.group(1)) if found else None
-
-
-def _report_alpha(rows: pd.DataFrame, grid: np.ndarray) -> float:
-    """The alpha a WiSE-FT run reports (``report_alpha`` in its config, else 0.5), snapped to the grid."""
-    found = (_config_number(text, "report_alpha") for text in rows["config_json"].dropna().unique())
-    wanted = next((value for value in found if value is not None), 0.5)
-    return float(grid[np.abs(grid - wanted).argmin()])
-
-
-def _alpha_curves(rows: pd.DataFrame, id_split: str, ood_split: str) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
-    """Alpha sweeps per method: a mean-over-seeds curve each, and one table row at the reported alpha."""
-    sweeps = rows[rows["alpha"].notna() & _no_knobs(rows, "alpha") & rows["epoch"].isna()]
-    per_seed = _per_seed(sweeps, id_split, ood_split, ["method", "alpha"])
-    curves, table_rows = {}, []
-    for method, seeds in per_seed.groupby("method", sort=False):
-        curves[str(method)] = seeds.groupby("alpha")[["id", "ood"]].mean().reset_index()
-        alpha = _report_alpha(sweeps[sweeps["method"] == method], curves[str(method)]["alpha"].to_numpy())
-        at = seeds[np.isclose(seeds["alpha"], alpha)].assign(method=f"{method} (alpha={alpha:.2f})")
-        table_rows.append(_summarise(at, ["method"]))
-    table = pd.concat(table_rows, ignore_index=True) if table_rows else pd.DataFrame()
-    return curves, table
-
-
-def _endpoints(table: pd.DataFrame, curves: Mapping[str, pd.DataFrame], zero_shot: str,
-               fine_tuned: str) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """The zero-shot and fine-tuned (ID, OOD) means: from the table, else from an alpha curve's ends."""
-    found = {m: (r.id_mean, r.ood_mean) for r in table.itertuples() for m in (zero_shot, fine_tuned) if r.method == m}
-    if len(found) == 2:
-        return found[zero_shot], found[fine_tuned]
-    for curve in curves.values():
-        ends = curve.set_index("alpha")
-        if 0.0 in ends.index and 1.0 in ends.index:
-            return tuple(ends.loc[0.0]), tuple(ends.loc[1.0])
-    return None
-
-
-def _method_trace(row: Any) -> go.Scatter:
-    """One method's mean point, with ±1 std error bars when there is more than one seed."""
-    bars = row.n_seeds > 1
+def _method_trace(row: Any, name: str) -> go.Scatter:
+    """One method's mean point, with confidence-interval bars when there is more than one seed."""
+    bars = row.n_seeds > 1 and not math.isnan(row.id_ci)
+    knobs = f" at {row.knobs} ({row.selected_on})" if row.knobs else ""
     return go.Scatter(
-        x=[row.id_mean], y=[row.ood_mean], mode="markers+text", name=row.method, text=[row.method],
+        x=[row.id_mean], y=[row.ood_mean], mode="markers+text", name=name, text=[row.method],
         textposition="top center", marker={"size": 11},
-        error_x={"type": "data", "array": [row.id_std if bars else 0.0], "visible": bool(bars)},
-        error_y={"type": "data", "array": [row.ood_std if bars else 0.0], "visible": bool(bars)},
-        hovertemplate=f"{row.method} (n={row.n_seeds})<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra></extra>")
+        error_x={"type": "data", "array": [row.id_ci if bars else 0.0], "visible": bool(bars)},
+        error_y={"type": "data", "array": [row.ood_ci if bars else 0.0], "visible": bool(bars)},
+        hovertemplate=f"{name}{knobs} (n={row.n_seeds})<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra></extra>")
 
 
-def compare_methods(
-    results: pd.DataFrame, *, metric: str = "macro_f1", id_split: str = "id_test", ood_split: str = "test",
-    dataset: str | None = None, zero_shot: str = "zeroshot", fine_tuned: str = "finetune",
-) -> tuple[pd.DataFrame, go.Figure]:
-    """Every method's final ID and OOD metric, averaged over seeds, as a table and an ID-vs-OOD scatter.
+def compare_methods(results: pd.DataFrame, *, dataset: str | None = None, metric: str | None = None,
+                    confidence: float = 0.95, zero_shot: str = "zeroshot", fine_tuned: str = "finetune",
+                    ) -> tuple[pd.DataFrame, go.Figure]:
+    """Every method in a results frame as a table and an ID-vs-OOD scatter.
 
-    Which rows count: for plain runs (all knob columns empty) the rows of the final model
-    (``epoch`` empty), or, for a run that only logged per-epoch evaluations, its last epoch. Rows
-    with ``mask_ratio``/``beta``/``scale`` set are sweeps of a post-hoc knob and are left out. Rows
-    with ``alpha`` set are WiSE-FT-style sweeps: each such method is drawn as a curve (mean over
-    seeds per alpha) and enters the table once, as ``"<method> (alpha=<a>)"`` at the alpha its run
-    reports (``report_alpha`` in its config, else 0.5).
-
-    Seeds: values are first averaged per (method, seed) -- a run without a logged seed counts as
-    its own seed -- then mean and sample standard deviation (ddof=1; NaN for a single seed) are
-    taken over seeds. Error bars (±1 std) are drawn when a method has more than one seed.
-
-    The dashed straight segment from the zero-shot to the fine-tuned point is the line a
-    fine-tuning run would move along if robustness only tracked ID accuracy; points above it are
-    effectively robust.
+    The numbers are :func:`rftlib.results.compare`'s: each split's headline metric, knobs chosen
+    on ID validation, the mean over seeds with a confidence interval, one entry per backbone and
+    method (WiSE-FT per base method). Each backbone's zero-shot -> fine-tuned segment is drawn
+    dashed: a method above it is more robust than fine-tuning at the same ID number. Knob sweeps
+    (WiSE-FT alpha, DRM beta, ...) are drawn as curves.
 
     Args:
-        results: Frame from :func:`rftlib.results.load` (one backbone; filter beforehand).
-        metric: The metric compared.
-        id_split: The ID split (x axis).
-        ood_split: The OOD split (y axis).
-        dataset: Keep only this dataset's rows (required when the frame holds several).
-        zero_shot: Method name of the zero-shot end point.
-        fine_tuned: Method name of the fine-tuned end point.
+        results: a frame from :func:`rftlib.results.load`.
+        dataset: keep only this dataset (required when the frame holds several).
+        metric: read every split in this metric instead of its headline one.
+        confidence: the interval's confidence level.
+        zero_shot, fine_tuned: the methods whose points end the reference segment.
 
     Returns:
-        ``(table, figure)``; the table has columns ``method, n_seeds, id_mean, id_std, ood_mean,
-        ood_std`` sorted by ``ood_mean`` (best first).
+        ``(table, figure)``: :attr:`rftlib.results.Comparison.table` and the figure.
     """
-    _require_columns(results, ["run_id", "method", "dataset", "split", "metric", "value", "epoch", "seed",
-                               *KNOBS], "results frame")
-    rows = _single_dataset(results, dataset)
-    rows = rows[(rows["metric"] == metric) & rows["split"].isin([id_split, ood_split])]
-    plain = _final_rows(rows[_no_knobs(rows)])
-    table = _summarise(_per_seed(plain, id_split, ood_split, ["method"]), ["method"])
-    curves, alpha_rows = _alpha_curves(rows, id_split, ood_split)
-    if len(alpha_rows):
-        table = pd.concat([table, alpha_rows], ignore_index=True) if len(table) else alpha_rows
-    columns = ["method", "n_seeds", "id_mean", "id_std", "ood_mean", "ood_std"]
-    table = table.reindex(columns=columns).sort_values("ood_mean", ascending=False, ignore_index=True)
-    table["n_seeds"] = table["n_seeds"].astype(int)
-    return table, _comparison_figure(table, curves, metric, id_split, ood_split, zero_shot, fine_tuned)
+    from .results import compare
+
+    found = compare(results, dataset=dataset, metric=metric, confidence=confidence)
+    return found.table, _comparison_figure(found, zero_shot, fine_tuned)
 
 
-def _comparison_figure(table: pd.DataFrame, curves: Mapping[str, pd.DataFrame], metric: str, id_split: str,
-                       ood_split: str, zero_shot: str, fine_tuned: str) -> go.Figure:
-    """Draw the compare_methods scatter: ZS->FT segment, alpha curves, one marker trace per method."""
+def _comparison_figure(found: Any, zero_shot: str, fine_tuned: str) -> go.Figure:
+    """Draw a :class:`rftlib.results.Comparison`: per backbone its ZS->FT segment and its methods,
+    then the knob curves."""
     fig = go.Figure()
-    ends = _endpoints(table, curves, zero_shot, fine_tuned)
-    if ends is not None:
-        (x0, y0), (x1, y1) = ends
-        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", name="zero-shot → fine-tuned",
-                        line={"dash": "dash", "color": COLORS["reference"]}, hoverinfo="skip")
-    for method, curve in curves.items():
-        fig.add_scatter(x=curve["id"], y=curve["ood"], customdata=curve["alpha"], mode="lines+markers",
-                        name=f"{method} (alpha sweep)", marker={"size": 5},
-                        hovertemplate="alpha=%{customdata:.2f}<br>ID %{x:.3f}<br>OOD %{y:.3f}<extra></extra>")
-    for row in table.itertuples():
-        fig.add_trace(_method_trace(row))
-    fig.update_layout(title={"text": f"ID vs OOD {metric}: methods compared"}, template=TEMPLATE,
-                      xaxis_title=f"ID {metric} ({id_split})", yaxis_title=f"OOD {metric} ({ood_split})")
+    table = found.table
+    backbones = table.groupby(["model", "pretrained"], sort=False, dropna=False)
+    for (model, pretrained), rows in backbones:
+        prefix = f"{model}/{pretrained}: " if backbones.ngroups > 1 else ""
+        ends = _endpoints(rows, zero_shot, fine_tuned)
+        if ends is not None:
+            (x0, y0), (x1, y1) = ends
+            fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", name=f"{prefix}zero-shot → fine-tuned",
+                            line={"dash": "dash", "color": COLORS["reference"]}, hoverinfo="skip")
+        for row in rows.itertuples():
+            fig.add_trace(_method_trace(row, f"{prefix}{row.method}"))
+    for method, curve in found.curves.items():
+        knob = str(curve["knob"].iloc[0])
+        fig.add_scatter(x=curve["id"], y=curve["ood"], customdata=curve["value"], mode="lines+markers",
+                        name=f"{method} ({knob} sweep)", marker={"size": 5},
+                        hovertemplate=f"{knob}=%{{customdata:.2f}}<br>ID %{{x:.3f}}<br>OOD %{{y:.3f}}<extra></extra>")
+    fig.update_layout(title={"text": "ID vs OOD: methods compared"}, template=TEMPLATE,
+                      xaxis_title=found.axes.get("id", "ID"), yaxis_title=found.axes.get("ood", "OOD"))
     return fig
 
 
@@ -659,11 +547,8 @@ def threshold_at_tpr(scores: pd.DataFrame, tpr: float = 0.95) -> float:
     Returns:
         The largest ID score such that at least ``ceil(tpr * n_id)`` ID scores are ``>=`` it.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
     s_id, _ = _id_ood_scores(scores)
-    n_keep = math.ceil(tpr * s_id.size - 1e-9)
-    return float(np.sort(s_id)[s_id.size - n_keep])
+    return rmetrics.threshold_at_tpr(s_id, tpr)
 
 
 def detection_title(threshold: float, tpr: float, fpr: float) -> str:

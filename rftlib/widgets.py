@@ -36,6 +36,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import viz
+from .axes import Axes
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,12 @@ class _Explorer:
 class _IdOodExplorer(_Explorer):
     """Shared machinery of the two ID-vs-OOD explorers: slider over a grid, ``selected`` marker, readout."""
 
-    def __init__(self, points: pd.DataFrame, knob: str, *, metric: str, id_split: str, ood_split: str,
-                 start: float | None, step: float | None, description: str | None,
+    def __init__(self, points: pd.DataFrame, knob: str, *, axes: Axes | None, start: float | None,
+                 step: float | None, description: str | None,
                  extra_controls: Iterable[W.Widget] = ()):
         if len(points) < 2:
             raise ValueError(f"a {knob} explorer needs at least two grid values, got {len(points)}")
-        self.points, self.knob, self.metric = points, knob, metric
+        self.points, self.knob, self.axes = points, knob, axes
         self.grid = points[knob].to_numpy(float)
         step = float(step) if step is not None else grid_step(self.grid)
         self.digits = decimals_for(step)
@@ -145,8 +146,7 @@ class _IdOodExplorer(_Explorer):
                                     description=description or knob, readout_format=f".{self.digits}f",
                                     continuous_update=True)
         self.readout = W.HTML()
-        self.fig = figure_widget(viz.id_ood_figure(points, knob, metric=metric, id_split=id_split,
-                                                   ood_split=ood_split, highlight=start))
+        self.fig = figure_widget(viz.id_ood_figure(points, knob, axes=axes, highlight=start))
         self._selected = trace_named(self.fig, "selected")
         self.state: dict[str, float] = {}
         self._wire([self.slider, *extra_controls])
@@ -180,8 +180,9 @@ class _IdOodExplorer(_Explorer):
 
     def _readout_html(self) -> str:
         s = self.state
-        return (f"<b>{self.knob} = {s['value']:.{self.digits}f}</b> &nbsp; ID {self.metric} <b>{s['id']:.3f}</b>"
-                f" &nbsp; OOD {self.metric} <b>{s['ood']:.3f}</b> &nbsp; <i>{self._provenance(s['value'])}</i>")
+        id_name, ood_name = (self.axes.title("id"), self.axes.title("ood")) if self.axes else ("ID", "OOD")
+        return (f"<b>{self.knob} = {s['value']:.{self.digits}f}</b> &nbsp; {id_name} <b>{s['id']:.3f}</b>"
+                f" &nbsp; {ood_name} <b>{s['ood']:.3f}</b> &nbsp; <i>{self._provenance(s['value'])}</i>")
 
     def _provenance(self, value: float) -> str:
         return ""
@@ -206,9 +207,9 @@ class KnobExplorer(_IdOodExplorer):
     Args:
         sweep: Tidy sweep table (see :mod:`rftlib.viz`).
         knob: The knob column (``alpha``, ``mask_ratio``, ``beta``, ``scale``).
-        metric: Metric on both axes (default: :func:`rftlib.viz.sweep_axes`'s choice).
-        id_split: ID split (x axis; default: ``id_test``, else the sweep's first ID split).
-        ood_split: OOD split (y axis; default: ``test``, else the sweep's first OOD split).
+        metric, id_split, ood_split, axes: what the two axes read (default: each split's headline
+            metric, ``id_test`` on x and the mean over the OOD test splits on y;
+            :func:`rftlib.viz.sweep_axes`).
         start: Initial value (default: the grid value nearest the middle of the range).
         step: Slider step (default: the grid spacing).
         exact: Optional ``exact(value) -> (id, ood)``; e.g. for WiSE-FT merge the weights at that
@@ -224,10 +225,10 @@ class KnobExplorer(_IdOodExplorer):
     """
 
     def __init__(self, sweep: pd.DataFrame, knob: str, *, metric: str | None = None, id_split: str | None = None,
-                 ood_split: str | None = None, start: float | None = None, step: float | None = None,
-                 exact: ValuesFn | None = None, description: str | None = None):
-        metric, id_split, ood_split = viz.sweep_axes(sweep, metric, id_split, ood_split)
-        points = viz.id_ood_points(sweep, knob, metric=metric, id_split=id_split, ood_split=ood_split)
+                 ood_split: str | None = None, axes: Axes | None = None, start: float | None = None,
+                 step: float | None = None, exact: ValuesFn | None = None, description: str | None = None):
+        axes = viz.sweep_axes(sweep, metric, id_split, ood_split, axes=axes)
+        points = viz.id_ood_points(sweep, knob, axes=axes)
         self.exact = exact
         self.exact_results: dict[float, tuple[float, float]] = {}
         self.button = None
@@ -236,8 +237,8 @@ class KnobExplorer(_IdOodExplorer):
                                    tooltip=f"evaluate the model at the current {knob}")
             self.button.on_click(self._on_click)
         controls = [] if self.button is None else [self.button]
-        super().__init__(points, knob, metric=metric, id_split=id_split, ood_split=ood_split, start=start,
-                         step=step, description=description, extra_controls=controls)
+        super().__init__(points, knob, axes=axes, start=start, step=step, description=description,
+                         extra_controls=controls)
         if exact is not None:
             self.fig.add_trace(viz.marker_trace("exact", [], [], [], knob, color=viz.COLORS["exact"],
                                                 symbol="diamond", size=13))
@@ -314,23 +315,21 @@ class LiveValueExplorer(_IdOodExplorer):
         values_fn: ``values_fn(value) -> (id, ood)``.
         knob: Name of the knob.
         grid: Knob values drawn as the curve; also the slider's range.
-        metric: Metric name for labels.
-        id_split: ID split name for labels.
-        ood_split: OOD split name for labels.
+        axes: what ``values_fn``'s two numbers are (for the axis titles), e.g.
+            :meth:`rftlib.notebook.Session.axes`.
         start: Initial value (default: the grid value nearest the middle).
         step: Slider step (default: the grid spacing).
         description: Slider label.
         cache_size: How many computed values to memoise.
     """
 
-    def __init__(self, values_fn: ValuesFn, knob: str, grid: Iterable[float], *, metric: str = "macro_f1",
-                 id_split: str = "id_test", ood_split: str = "test", start: float | None = None,
-                 step: float | None = None, description: str | None = None, cache_size: int = 1024):
+    def __init__(self, values_fn: ValuesFn, knob: str, grid: Iterable[float], *, axes: Axes | None = None,
+                 start: float | None = None, step: float | None = None, description: str | None = None,
+                 cache_size: int = 1024):
         self.values_fn = values_fn
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         points = viz.evaluate_grid(self._cached, knob, grid)
-        super().__init__(points, knob, metric=metric, id_split=id_split, ood_split=ood_split, start=start,
-                         step=step, description=description)
+        super().__init__(points, knob, axes=axes, start=start, step=step, description=description)
 
     def _compute(self, value: float) -> tuple[float, float]:
         id_value, ood_value = self.values_fn(value)
@@ -432,7 +431,7 @@ class LiveTrainingPlot:
         events: Every event received.
     """
 
-    def __init__(self, title: str | None = None, *, metric: str | None = None, interval: float = 0.25,
+    def __init__(self, title: str | None = None, *, metric: str | None = None, interval: float = 1.0,
                  every: int | None = None, max_points: int = 5000):
         self.title, self.metric = title or "training", metric
         self.interval, self.every, self.max_points = interval, every, max_points

@@ -17,7 +17,6 @@ from rftlib.methods.dps import (
     masks_for_ratio,
     rank_rows,
     row_scores,
-    sweep_mask_ratios,
 )
 from rftlib.results import load
 
@@ -204,10 +203,12 @@ def test_end_to_end_with_its_own_reference_run(data, tmp_path):
 def test_reference_checkpoint_and_ratio_sweep(data, tmp_path):
     """A finetune checkpoint as the reference, the image-head objective, and one training run per ratio."""
     ft = run_method("finetune", data=data, clip=tiny_clip(), out_dir=tmp_path / "ft", overrides=TINY)
-    table = sweep_mask_ratios([0.0, 0.25, 0.75], dataset=data, clip=tiny_clip(), results_db=str(tmp_path / "s.db"),
-                              overrides={**TINY, "reference": str(ft.checkpoint), "objective": "ce_image_head",
-                                         "image_tower_only": True})
-    assert list(table.columns) == ["mask_ratio", "split", "role", "metric", "value"]
+    result = run_method("dps", data=data, clip=tiny_clip(), results_db=str(tmp_path / "s.db"),
+                        overrides={**TINY, "mask_ratio": 0.25, "mask_ratios": [0.0, 0.75],
+                                   "reference": str(ft.checkpoint), "objective": "ce_image_head",
+                                   "image_tower_only": True})
+    table = result.extra["sweep"]
+    assert list(table.columns) == ["mask_ratio", "split", "role", "metric", "value", "headline"]
     assert sorted(table.mask_ratio.unique()) == [0.0, 0.25, 0.75]
     frac = table[(table.split == "mask") & (table.metric == "rows_frac")].set_index("mask_ratio").value
     assert frac[0.25] == pytest.approx(0.25, abs=0.01) and frac[0.75] == pytest.approx(0.75, abs=0.01)
@@ -216,3 +217,7 @@ def test_reference_checkpoint_and_ratio_sweep(data, tmp_path):
     stored = load(tmp_path / "s.db")
     assert sorted(stored.mask_ratio.dropna().unique()) == [0.0, 0.25, 0.75]
     assert {"id_test", "test", "mask"} <= set(stored.split) and (stored.method == "dps").all()
+    assert set(stored[stored.kind == "final"].mask_ratio) == {0.25}  # the run's own ratio is its result
+    assert set(stored[stored.kind == "sweep"].mask_ratio) == {0.0, 0.25, 0.75}
+    assert result.metrics["test"] == table[(table.mask_ratio == 0.25) & (table.split == "test")].set_index(
+        "metric").value.to_dict()

@@ -160,7 +160,7 @@ def test_beta_sweep_runs_the_image_encoder_once_per_split(data):
     table = beta_sweep(model, data, ["id_test", "test"], [0.0, 0.25, 0.5, 1.0], spec)
     handle.remove()
     assert len(calls) == 2  # one batch per split (both smaller than the eval batch), whatever the betas
-    assert list(table.columns) == ["beta", "split", "role", "metric", "value"]
+    assert list(table.columns) == ["beta", "split", "role", "metric", "value", "headline"]
     f1 = table[table.metric == "macro_f1"].set_index(["beta", "split"]).value
     for beta in (0.0, 0.5, 1.0):  # same numbers as evaluating the dual classifier at that beta
         model.beta = beta

@@ -264,22 +264,23 @@ def test_checkpoint_state_round_trip(tmp_path):
 
 def test_run_end_to_end_logs_scaled_rows(data, tmp_path):
     result = run_method("radapter", data=data, clip=tiny_clip(), out_dir=tmp_path / "ra",
-                        overrides={**TINY, "sweep_scales": [0.0], "rank_vision": 16})
+                        overrides={**TINY, "scales": [0.0], "rank_vision": 16})
     assert set(result.metrics) == {"id_val", "id_test", "val", "test"}
     rows = load(run_id=result.run_id)
     scaled = rows[rows.scale.notna()]
     assert sorted(scaled.scale.unique()) == [0.0, 0.5]
+    assert set(rows[rows.kind == "final"].scale) == {0.5}  # the configured scale is the run's result
     assert (rows.method == "radapter").all() and rows.epoch.notna().any()
     assert result.checkpoint is not None and result.checkpoint.exists()
     _, classifier, _ = load_classifier(result.extra["merged_checkpoint"])
     assert classifier is not None
     zs = run_method("zeroshot", data=data, clip=tiny_clip())
     sweep = result.extra["sweep"]
-    at0 = sweep[(sweep.alpha == 0.0) & (sweep.metric == "macro_f1")].set_index("split").value
-    for split in ("id_test", "test"):  # re-scaling with alpha 0 is the zero-shot model
+    at0 = sweep[(sweep.scale == 0.0) & (sweep.metric == "macro_f1")].set_index("split").value
+    for split in ("id_test", "test"):  # re-scaling by 0 is the zero-shot model
         assert at0[split] == pytest.approx(zs.metrics[split]["macro_f1"])
     more = result.extra["scale_sweep"]([0.25], splits=["id_val"])
-    assert set(more.alpha) == {0.25} and np.isfinite(more.value).all()
+    assert set(more.scale) == {0.25} and np.isfinite(more.value).all()
 
 
 DDP_SCRIPT = '''

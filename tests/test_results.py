@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from rftlib import results
-from rftlib.results import RESULT_COLUMNS, ResultsStore
+from rftlib.results import LOADED_COLUMNS, ResultsStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_load_of_missing_database_is_empty_and_creates_nothing(tmp_path):
     path = tmp_path / "nothing" / "here.db"
     frame = results.load(path)
     assert frame.empty
-    assert list(frame.columns) == list(RESULT_COLUMNS)
+    assert list(frame.columns) == list(LOADED_COLUMNS)
     assert str(frame["created_at"].dtype) == "datetime64[us, UTC]"
     assert frame["value"].dtype == "float64" and frame["epoch"].dtype == "Int64"
     assert ResultsStore(path).runs().empty
@@ -49,15 +49,18 @@ def test_load_of_missing_database_is_empty_and_creates_nothing(tmp_path):
 def test_log_load_and_filter_round_trip(store):
     written = store.log_metrics(
         "run-a", {"accuracy": np.float32(0.5), "macro_f1": 0.25, "ece": 0.1}, split="test", role="ood",
-        method="wiseft", dataset="iwildcam", alpha=0.3, epoch=np.int64(2), config={"lr": 1e-5, "b": [1]},
+        method="wiseft", dataset="iwildcam", kind="sweep", knobs={"alpha": np.float64(0.3)}, epoch=np.int64(2),
+        config={"lr": 1e-5, "b": [1]},
     )
     assert written == 3
     store.log_metrics("run-b", {"accuracy": 0.7}, split="id_test", method="finetune", dataset="iwildcam")
 
     frame = store.load()
-    assert len(frame) == 4 and list(frame.columns) == list(RESULT_COLUMNS)
+    assert len(frame) == 4 and list(frame.columns) == [*LOADED_COLUMNS, "alpha"]
     first = frame.iloc[0]
     assert (first["metric"], first["value"], first["alpha"], first["epoch"]) == ("accuracy", 0.5, 0.3, 2)
+    assert (first["kind"], first["knobs_json"]) == ("sweep", '{"alpha": 0.3}')
+    assert np.isnan(frame.iloc[3]["alpha"]) and frame.iloc[3]["kind"] == "final"
     assert json.loads(first["config_json"]) == {"b": [1], "lr": 1e-5}
     assert first["created_at"].tzinfo is not None
     assert frame["id"].is_monotonic_increasing
@@ -66,6 +69,8 @@ def test_log_load_and_filter_round_trip(store):
     assert len(store.load(method="wiseft", metric=["accuracy", "ece"])) == 2
     assert store.load(split="id_test")["value"].tolist() == [0.7]
     assert store.load(alpha=None)["run_id"].tolist() == ["run-b"]
+    assert store.load(alpha=0.3)["metric"].tolist() == ["accuracy", "macro_f1", "ece"]
+    assert store.load(kind="final")["run_id"].tolist() == ["run-b"]
     assert len(store.load(epoch=np.int64(2))) == 3  # numpy scalars work as filter values
     assert store.load(metric=[]).empty
     with pytest.raises(ValueError, match="unknown filter"):
@@ -73,12 +78,13 @@ def test_log_load_and_filter_round_trip(store):
 
 
 def test_export_csv_and_jsonl_round_trip(store, tmp_path):
-    store.log_metrics("run-a", {"accuracy": 0.5, "macro_f1": 0.25}, split="test", method="wiseft", alpha=0.5)
+    store.log_metrics("run-a", {"accuracy": 0.5, "macro_f1": 0.25}, split="test", method="wiseft",
+                      knobs={"alpha": 0.5})
     store.log_metrics("run-b", {"accuracy": 0.9}, split="test", method="zeroshot")
 
     csv_path = store.export(tmp_path / "out" / "all.csv")
     from_csv = pd.read_csv(csv_path)
-    assert list(from_csv.columns) == list(RESULT_COLUMNS)
+    assert list(from_csv.columns) == [*LOADED_COLUMNS, "alpha"]
     assert from_csv["value"].tolist() == [0.5, 0.25, 0.9]
 
     jsonl_path = results.export(tmp_path / "wiseft.jsonl", path=store.path, method="wiseft")
@@ -125,7 +131,7 @@ def test_log_metrics_fills_fields_from_the_run_registry(store):
         run_id, method="wiseft", dataset="iwildcam", model="ViT-B-32", pretrained="openai", seed=3,
         config={"lr": 3e-5},
     )
-    store.log_metrics(run_id, {"accuracy": 0.5}, split="test", alpha=0.5)
+    store.log_metrics(run_id, {"accuracy": 0.5}, split="test", knobs={"alpha": 0.5})
     store.log_metrics(run_id, {"accuracy": 0.6}, split="test", model="override")
     frame = store.load(run_id=run_id)
     assert frame["method"].tolist() == ["wiseft", "wiseft"]
@@ -199,11 +205,16 @@ _CRASHING_WRITER = textwrap.dedent(
     from rftlib.results import ResultsStore
 
     store = ResultsStore(sys.argv[1])
-    rows = [{"run_id": "crash", "metric": f"m{i}", "value": float(i), "split": "test"} for i in range(10)]
-    store.log_rows(rows)
+    def rows(step):
+        return [{"run_id": "crash", "metric": f"m{i}", "value": float(i), "split": "test", "step": step}
+                for i in range(10)]
+
+    store.log_rows(rows(0))
     print("ready", flush=True)
+    step = 1
     while True:
-        store.log_rows(rows)
+        store.log_rows(rows(step))
+        step += 1
     """
 )
 

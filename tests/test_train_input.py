@@ -197,7 +197,10 @@ def test_imagenet_trains_end_to_end_on_a_fabricated_tree(tmp_path):
     table = pd.concat([pd.DataFrame([{"alpha": a, "split": s, "role": r.role, "metric": m, "value": v}
                                      for s, metrics in res.metrics.items() for m, v in metrics.items()
                                      for r in [data.split(s)]]) for a, res in ((0.0, zeroshot), (1.0, result))])
-    assert viz.sweep_axes(table) == ("accuracy", "id_test", "imagenet-v2")  # its first shift
+    axes = viz.sweep_axes(table)  # top-1 in and out of distribution; the OOD axis averages every shift
+    assert axes.id == (("id_test", "accuracy"),)
+    assert axes.ood == (("imagenet-v2", "accuracy"), ("imagenet-r", "accuracy"))
+    assert session.axes() == axes
     assert len(viz.id_ood_points(table, "alpha")) == 2
     missing = load_imagenet(root, train=False)
     with pytest.raises(DataNotFoundError, match="prepare_imagenet.py"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ import plotly.graph_objects as go
 import pytest
 
 from rftlib import metrics, viz, widgets
+from rftlib.knobs import KNOBS
 from rftlib.results import ResultsStore
 from rftlib.train import Event
 
@@ -86,8 +86,30 @@ def test_id_ood_curve_traces_labels_and_highlight(sweep):
     assert selected.x[0] == pytest.approx(id_metric(0.35)) and selected.y[0] == pytest.approx(ood_metric(0.35))
     assert fig.layout.title.text == viz.knob_title("alpha", 0.35, id_metric(0.35), ood_metric(0.35))
 
-    beta = sweep.rename(columns={"alpha": "beta"})
-    assert list(viz.id_ood_curve(beta, "beta").data[2].text) == ["beta=0", "beta=1"]
+    beta = sweep.rename(columns={"alpha": "beta"})  # end points are named as rftlib.knobs declares them
+    assert list(viz.id_ood_curve(beta, "beta").data[2].text) == [KNOBS.get("beta").ends[0.0],
+                                                                 KNOBS.get("beta").ends[1.0]]
+    assert list(viz.id_ood_curve(sweep.rename(columns={"alpha": "t"}), "t").data[2].text) == ["t=0", "t=1"]
+
+
+def test_each_split_is_read_in_its_headline_metric_and_shifts_are_averaged():
+    """FMoW-like: accuracy in distribution, worst-region accuracy out of it, two OOD test splits."""
+    rows = []
+    for a in (0.0, 1.0):
+        for split, role, value in (("id_test", "id", 0.5 + a), ("test", "ood", 0.2 + a), ("test2", "ood", 0.4 + a),
+                                   ("val", "ood", 9.0)):
+            headline = "accuracy" if role == "id" else "acc_worst_region"
+            for metric in ("accuracy", "acc_worst_region"):
+                rows.append({"alpha": a, "split": split, "role": role, "metric": metric, "headline": metric == headline,
+                             "value": value if metric == headline else -1.0})
+    table = pd.DataFrame(rows)
+    axes = viz.sweep_axes(table)
+    assert axes.id == (("id_test", "accuracy"),)
+    assert axes.ood == (("test", "acc_worst_region"), ("test2", "acc_worst_region"))  # never the OOD val split
+    points = viz.id_ood_points(table, "alpha")
+    assert list(points.id) == pytest.approx([0.5, 1.5]) and list(points.ood) == pytest.approx([0.3, 1.3])
+    fig = viz.id_ood_curve(table, "alpha")
+    assert fig.layout.yaxis.title.text == "OOD acc_worst_region (mean of 2 splits)"
 
 
 def test_point_at_interpolates_or_snaps(sweep):
@@ -101,7 +123,7 @@ def test_point_at_interpolates_or_snaps(sweep):
 
 def test_knob_curves(sweep):
     fig = viz.knob_curves(sweep, "alpha", highlight=0.5)
-    assert names(fig) == ["ID (id_test)", "OOD (test)"]
+    assert names(fig) == ["ID macro_f1 (id_test)", "OOD macro_f1 (test)"]
     assert list(fig.data[1].y) == pytest.approx([ood_metric(a) for a in ALPHAS])
     assert fig.layout.shapes[0].name == "selected" and fig.layout.shapes[0].x0 == pytest.approx(0.5)
     assert fig.layout.title.text.startswith("alpha=0.50")
@@ -321,19 +343,19 @@ def test_live_training_plot_thins_long_histories():
 
 
 # --------------------------------------------------------------------------- compare_methods
-def log_run(store: ResultsStore, method: str, seed: int, id_value: float, ood_value: float, **extra) -> None:
-    run = f"{method}-{seed}"  # per-epoch, final and per-alpha rows of one run share its id
-    store.start_run(run, method=method, dataset="synthwild", seed=seed, config=extra.pop("config", None))
-    store.log_metrics(run, {"macro_f1": id_value, "accuracy": 0.99}, split="id_test", role="id", **extra)
-    store.log_metrics(run, {"macro_f1": ood_value}, split="test", role="ood", **extra)
+SPLIT_FACTS = {"id_val": {"role": "id", "metric": "macro_f1", "use": "val"},
+               "id_test": {"role": "id", "metric": "macro_f1", "use": "test"},
+               "test": {"role": "ood", "metric": "macro_f1", "use": "test"}}
 
 
-@dataclass
-class WiseConfig:
-    """Stands in for rftlib.methods.wiseft.Config (stored in config_json as its repr)."""
-
-    alphas: tuple = (0.0, 0.5, 1.0)
-    report_alpha: float = 0.5
+def log_run(store: ResultsStore, method: str, seed: int, id_value: float, ood_value: float, *, val: float = 0.5,
+            run: str | None = None, base: str | None = None, **logged) -> None:
+    run = run or f"{method}-{seed}"  # per-epoch, final and per-alpha rows of one run share its id
+    store.start_run(run, method=method, dataset="synthwild", model="m", pretrained="p", seed=seed,
+                    base_method=base, splits=SPLIT_FACTS)
+    for split, value in (("id_val", val), ("id_test", id_value), ("test", ood_value)):
+        store.log_metrics(run, {"macro_f1": value, "accuracy": 0.99}, split=split,
+                          role=SPLIT_FACTS[split]["role"], **logged)
 
 
 @pytest.fixture
@@ -341,16 +363,12 @@ def results_frame(tmp_path) -> pd.DataFrame:
     store = ResultsStore(tmp_path / "results.db")
     log_run(store, "zeroshot", 0, 0.60, 0.50)
     for seed, (i, o) in enumerate([(0.80, 0.55), (0.84, 0.59)]):
-        log_run(store, "finetune", seed, i, o)
-        log_run(store, "finetune", seed, 0.1, 0.1, epoch=0)  # per-epoch row: the final (epoch-less) one wins
-    for seed, (i, o) in enumerate([(0.82, 0.60), (0.86, 0.62)]):  # only per-epoch rows: the last epoch counts
-        log_run(store, "flyp", seed, 0.3, 0.3, epoch=0)
-        log_run(store, "flyp", seed, i, o, epoch=1)
+        log_run(store, "finetune", seed, 0.1, 0.1, kind="epoch", epoch=0)  # a training curve, not a result
+        log_run(store, "finetune", seed, i, o, epoch=1)
     for seed in (0, 1):
-        for a in (0.0, 0.5, 1.0):
+        for a in (0.0, 0.5, 1.0):  # alpha 0.5 is best on ID val; alpha 1 would be best on ID test
             log_run(store, "wiseft", seed, 0.6 + 0.2 * a + 0.02 * seed, 0.5 + 0.2 * a * (1 - a) + 0.02 * seed,
-                    alpha=a, config=WiseConfig(report_alpha=1.0))
-    log_run(store, "dps", 0, 0.9, 0.9, mask_ratio=0.1)  # a knob sweep: not a final result
+                    val=0.7 - abs(a - 0.5), base="finetune", kind="sweep", knobs={"alpha": a})
     store.start_run("other", method="finetune", dataset="iwildcam", seed=0)
     store.log_metrics("other", {"macro_f1": 0.1}, split="id_test", role="id")
     return store.load()
@@ -360,25 +378,23 @@ def test_compare_methods_table_and_figure(results_frame):
     with pytest.raises(ValueError, match="several datasets"):
         viz.compare_methods(results_frame)
     table, fig = viz.compare_methods(results_frame, dataset="synthwild")
-    assert list(table.columns) == ["method", "n_seeds", "id_mean", "id_std", "ood_mean", "ood_std"]
     rows = table.set_index("method")
-    assert set(rows.index) == {"zeroshot", "finetune", "flyp", "wiseft (alpha=1.00)"}
+    assert set(rows.index) == {"zeroshot", "finetune", "wiseft (finetune)"}
     ft = rows.loc["finetune"]
     assert ft.n_seeds == 2 and ft.id_mean == pytest.approx(0.82) and ft.ood_mean == pytest.approx(0.57)
-    assert ft.id_std == pytest.approx(np.std([0.80, 0.84], ddof=1))
-    assert ft.ood_std == pytest.approx(np.std([0.55, 0.59], ddof=1))
-    assert rows.loc["flyp"].id_mean == pytest.approx(0.84) and rows.loc["flyp"].ood_mean == pytest.approx(0.61)
-    assert rows.loc["zeroshot"].n_seeds == 1 and np.isnan(rows.loc["zeroshot"].id_std)
-    wise = rows.loc["wiseft (alpha=1.00)"]  # the run's report_alpha, read from its stored config
-    assert wise.n_seeds == 2 and wise.id_mean == pytest.approx(0.81) and wise.ood_mean == pytest.approx(0.51)
-    assert list(table.ood_mean) == sorted(table.ood_mean, reverse=True)
+    assert ft.id_ci == pytest.approx(12.7062047 * np.std([0.80, 0.84], ddof=1) / np.sqrt(2))
+    assert rows.loc["zeroshot"].n_seeds == 1 and np.isnan(rows.loc["zeroshot"].id_ci)
+    wise = rows.loc["wiseft (finetune)"]
+    assert (wise.knobs, wise.selected_on) == ("alpha=0.5", "id_val")
+    assert wise.id_mean == pytest.approx(0.71) and wise.ood_mean == pytest.approx(0.56)
 
     traces = {t.name: t for t in fig.data}
     line = traces["zero-shot → fine-tuned"]
     assert list(line.x) == pytest.approx([0.60, 0.82]) and list(line.y) == pytest.approx([0.50, 0.57])
-    assert list(traces["wiseft (alpha sweep)"].customdata) == [0.0, 0.5, 1.0]
+    assert list(traces["wiseft (finetune) (alpha sweep)"].customdata) == [0.0, 0.5, 1.0]
     assert traces["finetune"].error_y.visible and not traces["zeroshot"].error_y.visible
-    assert traces["finetune"].error_y.array[0] == pytest.approx(ft.ood_std)
+    assert traces["finetune"].error_y.array[0] == pytest.approx(ft.ood_ci)
+    assert fig.layout.xaxis.title.text == "ID macro_f1 (id_test)"
 
 
 # --------------------------------------------------------------------------- output

@@ -39,6 +39,10 @@ for _name, _target in {
     DATASETS.register(_name, _target)
 
 
+IO_OPTIONS = ("download", "cache")
+"""Loader options that change how data is fetched, not what it is (left out of a run's identity)."""
+
+
 def default_data_root() -> Path:
     """``$RFT_DATA_ROOT`` if set, else ``./data``."""
     return Path(os.environ.get("RFT_DATA_ROOT", "data"))
@@ -62,7 +66,9 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> R
     """
     module, func = DATASETS.get(name).split(":")
     loader = getattr(importlib.import_module(module), func)
-    return loader(root=Path(root) if root is not None else None, **kwargs)
+    dataset = loader(root=Path(root) if root is not None else None, **kwargs)
+    dataset.options = {k: v for k, v in kwargs.items() if k not in IO_OPTIONS}
+    return dataset
 
 
 __all__ = [

@@ -24,6 +24,16 @@ import numpy as np
 import pandas as pd
 
 ROLES = ("train", "id", "ood", "openset")
+SPLIT_USES = ("val", "test")
+
+
+def split_use(name: str) -> str:
+    """``val`` for a validation split (WILDS' ``id_val`` and ``val``, any ``*_val``), else ``test``.
+
+    Validation splits choose models and knobs; test splits report them. A comparison never reads a
+    test split to choose anything.
+    """
+    return "val" if name == "val" or name.endswith("_val") else "test"
 ClassPrompts = Union[str, Sequence[str]]
 
 
@@ -127,6 +137,8 @@ class RFTDataset:
         root: where the data lives (``None`` for generated data).
         info: free-form facts about the dataset (version, seed, sizes); ``info["missing_splits"]``
             maps a split the adapter knows but did not find to the message that says how to get it.
+        options: the options it was loaded with (``size="tiny"``, ``frac=0.1``): part of a run's
+            identity, so two runs on different subsets never share a run folder.
     """
 
     name: str
@@ -138,6 +150,7 @@ class RFTDataset:
     descriptions: list[ClassPrompts] | None = None
     root: Path | None = None
     info: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -164,5 +177,13 @@ class RFTDataset:
         return self.metric_fn(s.labels, np.asarray(y_pred), s.metadata)
 
     def headline_metric(self, split: str | Split) -> str:
+        """The metric a split is reported in (its role's primary metric)."""
         s = self.split(split) if isinstance(split, str) else split
         return self.primary_metric.get(s.role, self.primary_metric.get("id", "accuracy"))
+
+    def split_facts(self) -> dict[str, dict[str, str]]:
+        """What a results store needs to compare runs without loading the data: each ID/OOD
+        split's role, headline metric and use, ``{"test": {"role": "ood", "metric": "macro_f1",
+        "use": "test"}}``."""
+        return {name: {"role": s.role, "metric": self.headline_metric(s), "use": split_use(name)}
+                for name, s in self.splits.items() if s.role in ("id", "ood")}

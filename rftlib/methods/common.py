@@ -9,6 +9,7 @@ store, run id, checkpoint folder, callbacks) and hands it with a resolved config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data.base import RFTDataset
+from ..data.base import ROLES, RFTDataset
 from ..data.loading import LoaderSettings
 from ..data.pipeline import ImageSpec
 from ..evaluate import EvalResult, evaluate
@@ -72,27 +73,95 @@ class RunContext:
         """The ID and OOD evaluation splits (everything but train and open-set)."""
         return [n for n, s in self.dataset.splits.items() if s.role in ("id", "ood")]
 
-    def evaluate(self, model: nn.Module, split: str, **knobs) -> EvalResult:
+    def evaluate(self, model: nn.Module, split: str, *, kind: str = "final", knobs: Mapping[str, float] | None = None,
+                 epoch: int | None = None) -> EvalResult:
+        """Evaluate ``model`` on ``split`` and log its metrics as rows of ``kind`` at ``knobs``."""
         res = evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
                        progress_mode=self.progress)
-        self.log(res.split, res.role, res.metrics, **knobs)
+        self.log(res.split, res.role, res.metrics, kind=kind, knobs=knobs, epoch=epoch)
         return res
 
-    def evaluate_all(self, model: nn.Module, splits: list[str] | None = None, **knobs) -> dict[str, EvalResult]:
-        """Evaluate on every ID/OOD split (or ``splits``) and log the metrics."""
-        return {s: self.evaluate(model, s, **knobs) for s in (splits or self.eval_splits())}
+    def evaluate_all(self, model: nn.Module, splits: list[str] | None = None, *, kind: str = "final",
+                     knobs: Mapping[str, float] | None = None, epoch: int | None = None) -> dict[str, EvalResult]:
+        """Evaluate on every ID/OOD split (or ``splits``) and log the metrics (as the run's final
+        rows unless ``kind`` says otherwise)."""
+        return {s: self.evaluate(model, s, kind=kind, knobs=knobs, epoch=epoch) for s in (splits or self.eval_splits())}
 
-    def log(self, split: str, role: str, metrics: Mapping[str, float], **knobs) -> None:
-        """Write one tidy row per metric to the results store."""
+    def log(self, split: str, role: str, metrics: Mapping[str, float], *, kind: str = "final",
+            knobs: Mapping[str, float] | None = None, epoch: int | None = None) -> None:
+        """Write one tidy row per metric to the results store (see :data:`rftlib.results.ROW_KINDS`)."""
         if metrics:
-            self.store.log_metrics(self.run_id, dict(metrics), split=split, role=role, **knobs)
+            self.store.log_metrics(self.run_id, dict(metrics), split=split, role=role, kind=kind, knobs=knobs,
+                                   epoch=epoch)
 
-    def results_logger(self) -> Callable:
-        """A training callback that logs every per-epoch evaluation."""
+    def log_point(self, knobs: Mapping[str, float], res: EvalResult, *, report: bool = False,
+                  epoch: int | None = None) -> list[dict]:
+        """Log one sweep point (a split's metrics at ``knobs``), also as the run's final rows when it
+        is the value the run ``report``s, and return it as tidy rows for a sweep table."""
+        self.log(res.split, res.role, res.metrics, kind="sweep", knobs=knobs, epoch=epoch)
+        if report:
+            self.log(res.split, res.role, res.metrics, kind="final", knobs=knobs, epoch=epoch)
+        return tidy_rows(self.dataset, knobs, res.split, res.role, res.metrics)
+
+    def results_logger(self, knobs: Mapping[str, float] | None = None) -> Callable:
+        """A training callback that logs every per-epoch evaluation (at the run's ``knobs``)."""
         def on_event(event) -> None:
             if event.kind == "eval":
-                self.log(event.data["split"], event.data["role"], event.data["metrics"], epoch=event.epoch)
+                self.log(event.data["split"], event.data["role"], event.data["metrics"], kind="epoch", knobs=knobs,
+                         epoch=event.epoch)
         return on_event
+
+    def conclude(self, model: nn.Module, fitted: FitResult, *, knobs: Mapping[str, float] | None = None,
+                 metrics: Mapping[str, Mapping[str, float]] | None = None, **extra) -> RunResult:
+        """The run's result after :meth:`fit`: ``model`` evaluated on every split as the final rows
+        (unless ``metrics`` were already logged, e.g. by a sweep), its best checkpoint, and
+        ``extra`` plus the fit's ``best_epoch`` and ``history``."""
+        if metrics is None:
+            metrics = metrics_of(self.evaluate_all(model, knobs=knobs, epoch=fitted.best_epoch))
+        return RunResult(self.run_id, self.method, self.dataset.name, dict(metrics), classifier=model,
+                         checkpoint=fitted.best_checkpoint, clip=self.clip,
+                         extra={"best_epoch": fitted.best_epoch, "history": fitted.history, **extra})
+
+    def run_base(self, method: str, overrides: Mapping[str, Any] | None = None, *, folder: str | None = None,
+                 label: bool = True) -> RunResult:
+        """Run ``method`` as this run's base (WiSE-FT's fine-tuned end point, DPS's reference) on a
+        copy of the pretrained model, in ``<out_dir>/<folder or method>`` so that it resumes with
+        this run (the base run is content-addressed and recorded like any other).
+
+        Args:
+            label: record ``method`` as this run's ``base_method``, so that comparisons tell this
+                run's method over one base from the same method over another (WiSE-FT over FLYP vs
+                over fine-tuning). DPS does not: its reference only ranks the rows to freeze.
+        """
+        from . import run_method
+
+        if label:
+            self.store.set_base_method(self.run_id, method)
+        out_dir = self.out_dir / (folder or method) if self.out_dir is not None else None
+        return run_method(method, data=self.dataset, clip=copy.deepcopy(self.clip), device=self.device,
+                          seed=self.seed, results_db=str(self.store.path), out_dir=out_dir, progress=self.progress,
+                          callbacks=self.callbacks, overrides=overrides, loader=self.loader)
+
+
+def tidy_rows(dataset: RFTDataset, knobs: Mapping[str, float], split: str, role: str,
+              metrics: Mapping[str, float]) -> list[dict]:
+    """One split's metrics at ``knobs`` as rows of a sweep table; ``headline`` marks the split's
+    headline metric (what :func:`rftlib.viz.sweep_axes` plots)."""
+    headline = dataset.headline_metric(split) if split in dataset.splits else None
+    return [{**knobs, "split": split, "role": role, "metric": m, "value": v, "headline": m == headline}
+            for m, v in metrics.items()]
+
+
+def sweep_table(rows: Sequence[Mapping[str, Any]], knob: str) -> pd.DataFrame:
+    """Sweep rows (:func:`tidy_rows`) as a frame: ``knob, split, role, metric, value, headline``."""
+    return pd.DataFrame(list(rows), columns=[knob, "split", "role", "metric", "value", "headline"])
+
+
+def metrics_at(table: pd.DataFrame, knob: str, value: float) -> dict[str, dict[str, float]]:
+    """A sweep table's metrics at one knob value, as ``split -> {metric: value}`` (dataset splits
+    only: a method's own facts, such as DPS's ``mask`` rows, are left out)."""
+    at = table[(table[knob] == float(value)) & table["role"].isin(ROLES)]
+    return {split: dict(zip(g.metric, g.value, strict=True)) for split, g in at.groupby("split", sort=False)}
 
 
 @dataclass

@@ -66,10 +66,11 @@ Checkpoints: the loop's checkpoints hold the three matrices (``croft.image_adapt
 CLIP + head checkpoint (the image adapter folded into ``visual.proj``) that
 :func:`rftlib.models.load_classifier` loads (:func:`export_classifier`).
 
-Knobs: see :class:`Config`. Detection: ``scores`` computed on every ``openset`` split of the
-dataset (synthwild: held-out species) and on an optional external dataset ``open_set``
-(``"name"`` or ``"name:root"`` of :func:`rftlib.data.get_dataset`, e.g. ``"folder:/data/dtd"``)
-against the ID reference split ``detection_id_split``; metrics (AUROC, FPR@95 %TPR, AUPR-In/Out,
+Knobs: see :class:`Config`. Detection (the generic scoring lives in :mod:`rftlib.detection`):
+``scores`` computed on every ``openset`` split of the dataset (synthwild: held-out species) and on
+an optional external dataset ``open_set`` (``"name"`` or ``"name:root"`` of
+:func:`rftlib.data.get_dataset`, e.g. ``"folder:/data/dtd"``) against the ID reference split
+``detection_id_split``; metrics (AUROC, FPR@95 %TPR, AUPR-In/Out,
 :func:`rftlib.metrics.ood_detection_metrics`) are logged with ``role="openset"`` as
 ``<score>_<metric>`` (e.g. ``energy_auroc``).
 
@@ -87,36 +88,32 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import dist as rdist
 from ..data.base import RFTDataset, Split
-from ..data.pipeline import ImageSpec
+from ..detection import ID_REFERENCES, SCORES, detection_metrics, detection_scores
 from ..evaluate import encode_split
-from ..metrics import ood_detection_metrics
 from ..models import ClipModel, class_prompts, encode_class_prompts, save_checkpoint
 from ..schedule import lr_at
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_of
+from .common import RunContext, RunResult
 
 log = logging.getLogger(__name__)
 
 NAME = "croft"
 MODES = ("faithful", "consistent")
-SCORES = ("energy", "knn", "msp")
 ENERGY_FORMS = ("code", "logsumexp")
 EDR_REDUCTIONS = ("setup1", "setup2")
-ID_REFERENCES = ("all", "correct")
 CHECKPOINT_KEYS = ("croft.image_adapter", "croft.text_adapter", "croft.generator")
 
 #: The 7-template ensemble the released code uses for ImageNet-based datasets.
@@ -286,53 +283,6 @@ def energy_gradient_penalty(image_fn, text_fn, like: torch.Tensor, *, reduction:
 
 
 # --------------------------------------------------------------------------------------------------
-# detection scores
-# --------------------------------------------------------------------------------------------------
-def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T * logsumexp(logits / T)`` per row (minus the free energy; larger = more in-distribution)."""
-    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
-
-
-def msp_score(logits: torch.Tensor) -> torch.Tensor:
-    """Maximum softmax probability per row."""
-    return logits.float().softmax(dim=1).max(dim=1).values
-
-
-def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int = 10, chunk: int = 2048) -> torch.Tensor:
-    """Minus the squared L2 distance from each normalised feature to its k-th nearest bank feature.
-
-    Both sides are L2-normalised, so the squared distance is ``2 - 2 cos``. A query that is in the
-    bank has distance 0 to itself (its k = 1 score is 0).
-
-    Raises:
-        ValueError: the bank has fewer than ``k`` features.
-    """
-    if len(bank) < k:
-        raise ValueError(f"the KNN bank has {len(bank)} features, fewer than k={k}; lower knn_k")
-    q, b = F.normalize(features.float(), dim=-1), F.normalize(bank.float(), dim=-1)
-    out = []
-    for start in range(0, len(q), chunk):
-        d2 = (2.0 - 2.0 * q[start:start + chunk] @ b.T).clamp_min(0.0)
-        out.append(-d2.topk(k, dim=1, largest=False).values[:, -1])
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def scores_from(kind: str, logits: torch.Tensor, features: torch.Tensor, *, bank: torch.Tensor | None = None,
-                k: int = 10, temperature: float = 1.0) -> torch.Tensor:
-    """One detection score per example from logits and (normalised adapted) features."""
-    if kind == "energy":
-        return energy_score(logits, temperature)
-    if kind == "msp":
-        return msp_score(logits)
-    if kind == "knn":
-        if bank is None:
-            raise ValueError("the knn score needs a feature bank (normalised adapted ID training features): "
-                             "pass bank=knn_bank(...) or use a classifier from a run whose scores include knn")
-        return knn_score(features, bank, k)
-    raise ValueError(f"unknown score {kind!r}; valid: {', '.join(SCORES)}")
-
-
-# --------------------------------------------------------------------------------------------------
 # the classifier and the frozen-tower memo
 # --------------------------------------------------------------------------------------------------
 class FrozenTowerMemo(nn.Module):
@@ -370,8 +320,8 @@ class CroftClassifier(nn.Module):
     ``A = r_I W_I + (1 - r_I) I`` folds the image adapter's residual mix into one matrix and ``U``
     holds the adapted, normalised class embeddings, both frozen copies taken when the classifier
     was built. A run also attaches its KNN ``bank`` (normalised adapted training features) and
-    ``knn_k``, so that :func:`detection_scores` can compute the ``knn`` score from the classifier
-    alone.
+    ``knn_k``, so that :func:`rftlib.detection.detection_scores` can compute the ``knn`` score from
+    the classifier alone.
     """
 
     def __init__(self, visual: nn.Module, image_map: torch.Tensor, class_embeddings: torch.Tensor,
@@ -395,17 +345,6 @@ class CroftClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.features(images))
-
-
-class _Features(nn.Module):
-    """``images -> normalised adapted features`` of a :class:`CroftClassifier` (for run_model)."""
-
-    def __init__(self, classifier: CroftClassifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +373,6 @@ class CroftTask(Task):
     """
 
     method_name = NAME
-    ddp_find_unused = True  # G gets no main-loss gradient in consistent mode
 
     def __init__(self, clip: ClipModel, text_features: torch.Tensor, cfg: Config,
                  train_features: torch.Tensor | None = None, gen_lr_at: Callable[[int], float] | None = None):
@@ -452,6 +390,10 @@ class CroftTask(Task):
         # not a registered submodule: the frozen tower is no part of the task's state (nor of DDP's)
         object.__setattr__(self, "_eval_visual", FrozenTowerMemo(clip.visual) if cfg.memo_eval_features
                            else clip.visual)
+
+    def ddp_kwargs(self) -> dict:
+        """``G`` gets no main-loss gradient in consistent mode: DDP must not wait for it."""
+        return {"find_unused_parameters": True}
 
     # ---- batch features ------------------------------------------------------------------------
     def batch_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,14 +545,6 @@ def export_classifier(clip: ClipModel, classifier: CroftClassifier, path: str | 
 # --------------------------------------------------------------------------------------------------
 # detection
 # --------------------------------------------------------------------------------------------------
-def split_outputs(classifier: CroftClassifier, split: Split, spec: ImageSpec, *,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, normalised adapted features)`` of a split (one pass of the frozen tower)."""
-    feats = encode_split(_Features(classifier), split, spec, device=device)
-    with torch.no_grad():
-        return classifier.logits_from_features(feats.to(classifier.class_embeddings.device)).cpu(), feats
-
-
 def knn_bank(classifier: CroftClassifier, train_features: torch.Tensor, labels: np.ndarray,
              per_class: int | None = None, seed: int = 0) -> torch.Tensor:
     """Normalised adapted training features (at most ``per_class`` per class, drawn at random)."""
@@ -620,55 +554,6 @@ def knn_bank(classifier: CroftClassifier, train_features: torch.Tensor, labels: 
         train_features = train_features[torch.as_tensor(np.sort(keep))]
     with torch.no_grad():
         return classifier.adapt_features(train_features.to(classifier.image_map.device)).cpu()
-
-
-def detection_scores(
-    classifier: CroftClassifier, id_split: Split, ood_splits: Mapping[str, Split], spec: ImageSpec, *,
-    kinds: Sequence[str] = ("energy",), bank: torch.Tensor | None = None, k: int | None = None,
-    temperature: float = 1.0,
-    id_reference: str = "all", device: torch.device | str | None = None,
-) -> pd.DataFrame:
-    """Per-example detection scores, e.g. for a threshold widget.
-
-    Args:
-        classifier: a :class:`CroftClassifier` (e.g. ``RunResult.classifier``).
-        id_split: the in-distribution reference split (e.g. ``dataset.split("id_test")``).
-        ood_splits: name -> open-set split (e.g. synthwild's ``openset``).
-        spec: the model's :class:`~rftlib.data.pipeline.ImageSpec`.
-        kinds: scores to compute (``energy``, ``knn``, ``msp``); larger = more in-distribution.
-        bank: normalised adapted ID training features for ``knn`` (see :func:`knn_bank`); default:
-            the bank a run attached to the classifier.
-        k: k of the KNN score (default: the classifier's ``knn_k``).
-        temperature: energy temperature.
-        id_reference: ``all`` ID examples or only the ``correct``ly classified ones (paper).
-
-    Returns:
-        A frame with columns ``score, is_ood, kind, split`` (one row per example and kind).
-    """
-    _check_choice("id_reference", id_reference, ID_REFERENCES)
-    bank = classifier.bank if bank is None else bank
-    k = classifier.knn_k if k is None else k
-    frames = []
-    for name, split, is_ood in [(id_split.name, id_split, False), *[(n, s, True) for n, s in ood_splits.items()]]:
-        logits, feats = split_outputs(classifier, split, spec, device=device)
-        keep = np.ones(len(split), bool)
-        if not is_ood and id_reference == "correct":
-            keep = logits.argmax(1).numpy() == split.labels
-        for kind in kinds:
-            values = scores_from(kind, logits, feats, bank=bank, k=k, temperature=temperature).numpy()[keep]
-            frames.append(pd.DataFrame({"score": values, "is_ood": is_ood, "kind": kind, "split": name}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def detection_metrics(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """``{ood split: {"<kind>_auroc": ..., "<kind>_fpr95": ..., ...}}`` from :func:`detection_scores`."""
-    out: dict[str, dict[str, float]] = {}
-    ident = scores[~scores.is_ood]
-    for (split, kind), ood in scores[scores.is_ood].groupby(["split", "kind"], sort=False):
-        ref = ident[ident.kind == kind].score.to_numpy()
-        metrics = ood_detection_metrics(ref, ood.score.to_numpy())
-        out.setdefault(split, {}).update({f"{kind}_{m}": v for m, v in metrics.items()})
-    return out
 
 
 def load_open_set(spec: str) -> RFTDataset:
@@ -760,19 +645,17 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
     task = CroftTask(ctx.clip, text, cfg, train_features if cfg.cache_features else None,
                      _gen_schedule(cfg, steps_per_epoch))
     with cpu_threads(cfg.cpu_threads if ctx.device.type == "cpu" else None):
-        result = ctx.fit(task, cfg.train)
+        fitted = ctx.fit(task, cfg.train)
     model = task.classifier()
     model.knn_k = cfg.knn_k
     if "knn" in (*cfg.scores, cfg.score):
         model.bank = knn_bank(model, train_features, ctx.dataset.split("train").labels, cfg.knn_bank_per_class,
                               cfg.train.seed)
-    metrics = metrics_of(ctx.evaluate_all(model, epoch=result.best_epoch))
-    metrics.update(run_detection(ctx, cfg, model, epoch=result.best_epoch))
-    checkpoint = None
+    result = ctx.conclude(model, fitted, training_checkpoint=fitted.best_checkpoint, task=task,
+                          train_features=train_features)
+    result.metrics.update(run_detection(ctx, cfg, model, epoch=fitted.best_epoch))
+    result.checkpoint = None  # the exported classifier, if any: the training checkpoint has no head
     if ctx.out_dir is not None and cfg.export_classifier and rdist.current().is_main:
-        checkpoint = export_classifier(ctx.clip, model, Path(ctx.out_dir) / "classifier.safetensors",
-                                       classnames=ctx.dataset.classnames, method_config=cfg)
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics, classifier=model, checkpoint=checkpoint,
-                     clip=ctx.clip, extra={"best_epoch": result.best_epoch, "history": result.history,
-                                           "training_checkpoint": result.best_checkpoint, "task": task,
-                                           "train_features": train_features})
+        result.checkpoint = export_classifier(ctx.clip, model, Path(ctx.out_dir) / "classifier.safetensors",
+                                              classnames=ctx.dataset.classnames, method_config=cfg)
+    return result

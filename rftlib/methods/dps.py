@@ -83,10 +83,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import knobs
+from ..evaluate import evaluate
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts, load_checkpoint
 from ..task import Batch
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_of, resolve_config
+from .common import RunContext, RunResult, metrics_at, sweep_table, tidy_rows
 from .flyp import Config as FlypConfig
 from .flyp import FlypTask
 
@@ -107,6 +109,8 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=1e-5, weight_decay=0.2,
                                                                    batch_size=64, warmup_steps=500))
     mask_ratio: float = 0.9             # fraction of eligible rows frozen (the released default; 0 = plain run)
+    mask_ratios: tuple[float, ...] = ()  # extra ratios, each a full training run from the pretrained weights
+    sweep_epochs: int | None = None     # epochs of each extra ratio's run (None: the same as the main run)
     reference: str | None = None        # fine-tuned checkpoint that defines the ranking; None: run reference_method
     reference_method: str = "dps"       # "dps" = this method with mask_ratio=0 and the same objective/schedule
     reference_overrides: dict | None = None  # config overrides for the reference run
@@ -116,6 +120,17 @@ class Config:
     exclude_token_embedding: bool = False  # keep the vocabulary out of the ranking (always trained)
     image_tower_only: bool = False      # rank (and freeze) only image-tower rows
     templates: tuple[str, ...] | None = None  # prompt templates; None = the dataset's
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
+        self.mask_ratio = knobs.check("mask_ratio", self.mask_ratio)
+        self.mask_ratios = knobs.check_all("mask_ratio", self.mask_ratios) if self.mask_ratios else ()
+        if self.sweep_epochs is not None and (isinstance(self.sweep_epochs, bool) or
+                                              not isinstance(self.sweep_epochs, int) or self.sweep_epochs < 1):
+            raise ValueError(f"sweep_epochs must be an integer >= 1 (or None), got {self.sweep_epochs!r}")
 
 
 PRESETS = {
@@ -509,15 +524,6 @@ class DPSTask(FlypTask):
             self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
 
-def _check_config(cfg: Config) -> None:
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if cfg.normalisation not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation {cfg.normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
-    if not 0.0 <= cfg.mask_ratio <= 1.0:
-        raise ValueError(f"mask_ratio is the fraction of eligible rows to freeze and must lie in [0, 1], "
-                         f"got {cfg.mask_ratio}")
-
 
 def reference_state(ctx: RunContext, cfg: Config) -> tuple[dict[str, torch.Tensor], Path | None]:
     """The reference fine-tuned weights (CLIP keys only) and where they came from.
@@ -530,17 +536,12 @@ def reference_state(ctx: RunContext, cfg: Config) -> tuple[dict[str, torch.Tenso
     if cfg.reference is not None:
         state, _ = load_checkpoint(cfg.reference, architecture=ctx.clip.name)
         return {k: v for k, v in state.items() if not k.startswith("head.")}, Path(cfg.reference)
-    from . import run_method
-
     overrides = dict(cfg.reference_overrides or {})
     if cfg.reference_method == NAME:
         overrides = {**{f"train.{k}": v for k, v in asdict(cfg.train).items()}, "objective": cfg.objective,
                      "templates": cfg.templates, **overrides, "mask_ratio": 0.0}
     log.info("dps: training the reference model with %r", cfg.reference_method)
-    out_dir = ctx.out_dir / "reference" if ctx.out_dir is not None else None
-    base = run_method(cfg.reference_method, data=ctx.dataset, clip=copy.deepcopy(ctx.clip), device=ctx.device,
-                      seed=ctx.seed, results_db=str(ctx.store.path), out_dir=out_dir, progress=ctx.progress,
-                      callbacks=ctx.callbacks, overrides=overrides)
+    base = ctx.run_base(cfg.reference_method, overrides, folder="reference", label=False)
     state = {k: v.detach().cpu().clone() for k, v in base.clip.model.state_dict().items()}
     return state, base.checkpoint
 
@@ -558,33 +559,27 @@ def train_masked(ctx: RunContext, cfg: Config, masks: Mapping[str, torch.Tensor]
                  out_dir: Path | None = None) -> tuple[nn.Module, dict]:
     """Train ``clip`` (default ``ctx.clip``) with ``masks`` held; returns the classifier and fit facts.
 
-    Per-epoch evaluations are logged with ``mask_ratio``. Raises ``RuntimeError`` if a suppressed row
-    differs from its pretrained value at the end (it never should).
+    Per-epoch evaluations are logged with the ``mask_ratio`` knob. Raises ``RuntimeError`` if a
+    suppressed row differs from its pretrained value at the end (it never should).
     """
     clip = clip if clip is not None else ctx.clip
     task = DPSTask(clip, ctx.dataset.classnames, list(cfg.templates or ctx.dataset.templates), masks, cfg)
-
-    def log_eval(event) -> None:
-        if event.kind == "eval":
-            ctx.log(event.data["split"], event.data["role"], event.data["metrics"], epoch=event.epoch,
-                    mask_ratio=cfg.mask_ratio)
-
     try:
-        result = ctx.fit(task, cfg.train, callbacks=[log_eval], out_dir=out_dir)
+        result = ctx.fit(task, cfg.train, callbacks=[ctx.results_logger({"mask_ratio": cfg.mask_ratio})],
+                         out_dir=out_dir)
         changed = task.freezer.changed()
     finally:
         task.freezer.release()
     if changed:
         raise RuntimeError(f"suppressed rows of {changed[:3]} moved during training; this is a bug in DPS's "
                            "RowFreezer, please report it")
-    return task.classifier(), {"best_epoch": result.best_epoch, "history": result.history,
-                               "checkpoint": result.best_checkpoint}
+    return task.classifier(), result
 
 
 def log_mask_stats(ctx: RunContext, stats: MaskStats, mask_ratio: float) -> None:
-    """Record the suppressed fractions as ``split="mask"`` rows carrying ``mask_ratio``."""
+    """Record the suppressed fractions as ``info`` rows of ``split="mask"`` carrying ``mask_ratio``."""
     keep = ("rows_frac", "params_frac", "eligible_params_frac", "tensors_fully_frozen")
-    ctx.log("mask", "mask", {k: stats.summary[k] for k in keep}, mask_ratio=mask_ratio)
+    ctx.log("mask", "mask", {k: stats.summary[k] for k in keep}, kind="info", knobs={"mask_ratio": mask_ratio})
     log.info("dps: mask_ratio %.2f suppresses %.1f %% of eligible rows, %.1f %% of all parameters",
              mask_ratio, 100 * stats.summary["rows_frac"], 100 * stats.summary["params_frac"])
 
@@ -594,114 +589,51 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
 
     Result rows carry ``mask_ratio``; ``split="mask"`` rows record the suppressed fractions.
     ``extra`` holds ``mask_stats`` (:class:`MaskStats`), ``masks``, ``ranking`` (``None`` at ratio 0),
-    ``reference`` (the reference checkpoint path, or its state dict when none was saved; pass it to
-    :func:`sweep_mask_ratios`), ``best_epoch`` and ``history``.
+    ``reference`` (the reference checkpoint path, or its state dict when none was saved),
+    ``sweep`` (a tidy frame over the main ratio and every extra one of ``mask_ratios``, with
+    ``split="mask"`` rows for the suppressed fractions), ``best_epoch`` and ``history``.
     """
-    _check_config(cfg)
+    extra_ratios = sorted(set(cfg.mask_ratios) - {cfg.mask_ratio})
+    pristine = copy.deepcopy(ctx.clip) if extra_ratios else None
     theta0 = {k: v.detach().cpu().clone() for k, v in ctx.clip.model.state_dict().items()}
-    ref_state, ref_path = reference_state(ctx, cfg) if cfg.mask_ratio > 0 else (None, None)
+    needs_reference = any(r > 0 for r in (cfg.mask_ratio, *extra_ratios))
+    ref_state, ref_path = reference_state(ctx, cfg) if needs_reference else (None, None)
     masks, ranking = build_masks(theta0, ref_state, cfg)
     stats = mask_stats(masks, theta0)
     log_mask_stats(ctx, stats, cfg.mask_ratio)
-    model, facts = train_masked(ctx, cfg, masks)
-    final = ctx.evaluate_all(model, mask_ratio=cfg.mask_ratio, epoch=facts["best_epoch"])
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics_of(final), classifier=model,
-                     checkpoint=facts["checkpoint"], clip=ctx.clip,
-                     extra={"best_epoch": facts["best_epoch"], "history": facts["history"], "mask_stats": stats,
-                            "masks": masks, "ranking": ranking,
-                            "reference": str(ref_path) if ref_path is not None else ref_state})
+    model, fitted = train_masked(ctx, cfg, masks)
+    rows = _ratio_rows(ctx, model, cfg.mask_ratio, stats, report=True, epoch=fitted.best_epoch)
+    for ratio in extra_ratios:
+        rows += _extra_ratio(ctx, cfg, ratio, theta0, ref_state, pristine)
+    table = sweep_table(rows, "mask_ratio")
+    return ctx.conclude(model, fitted, metrics=metrics_at(table, "mask_ratio", cfg.mask_ratio), sweep=table,
+                        mask_stats=stats, masks=masks, ranking=ranking,
+                        reference=str(ref_path) if ref_path is not None else ref_state)
 
 
 # --------------------------------------------------------------------------------------------------
 # Mask-ratio sweep (one training run per ratio)
 # --------------------------------------------------------------------------------------------------
-def sweep_mask_ratios(
-    ratios: Sequence[float], *, ctx: RunContext | None = None, cfg: Config | None = None,
-    reference: StateDict | str | None = None, dataset=None, clip: ClipModel | None = None, device="cpu",
-    seed: int = 0, results_db: str | None = None, overrides: Mapping | None = None, progress: str | None = None,
-) -> pd.DataFrame:
-    """Train one DPS model per mask ratio and evaluate each on every ID/OOD split.
-
-    Be aware that **every ratio is a full training run** (from the pretrained weights, with the
-    config's schedule); only the reference run, the ranking and the decoded images are shared.
-    On synthwild with the preset that is about a minute per ratio on a laptop CPU.
-
-    Args:
-        ratios: mask ratios in [0, 1] (0 = nothing suppressed, the CE/FLYP baseline).
-        ctx: a run context (its store and run id get the rows); or leave it out and give
-            ``dataset`` (name or loaded), ``clip``, ``device``, ``seed``, ``results_db``, and a new
-            ``dps`` run is registered in the results store.
-        cfg: the DPS config (default: the dataset's preset plus ``overrides``); ``mask_ratio`` is
-            replaced by each ratio.
-        reference: a reference state dict or checkpoint path; default: ``cfg``'s reference rule
-            (trained once, if any ratio is > 0).
-
-    Returns:
-        A tidy frame (mask_ratio, split, role, metric, value): the final metrics of every model, plus
-        ``split="mask"`` rows with the suppressed fractions. Rows are logged with ``mask_ratio``.
-    """
-    own_ctx = ctx is None
-    if own_ctx:
-        ctx, cfg = _new_context(dataset, clip, device, seed, results_db, progress, cfg, overrides, ratios)
-    elif cfg is None:
-        cfg = resolve_config(Config, PRESETS, ctx.dataset.name, {"train.seed": ctx.seed, **(overrides or {})})
-    _check_config(cfg)
-    pristine = copy.deepcopy(ctx.clip)
-    theta0 = {k: v.detach().cpu().clone() for k, v in pristine.model.state_dict().items()}
-    ref_state = _sweep_reference(ctx, cfg, reference) if any(r > 0 for r in ratios) else None
-    rows = []
-    try:
-        for ratio in ratios:
-            rows += _one_ratio(ctx, cfg, float(ratio), theta0, ref_state, pristine)
-    except BaseException:
-        if own_ctx:
-            ctx.store.finish_run(ctx.run_id, status="failed")
-        raise
-    if own_ctx:
-        ctx.store.finish_run(ctx.run_id)
-    return pd.DataFrame(rows, columns=["mask_ratio", "split", "role", "metric", "value"])
-
-
-def _one_ratio(ctx, cfg, ratio, theta0, ref_state, pristine) -> list[dict]:
-    rcfg = dataclasses.replace(cfg, mask_ratio=ratio)
-    masks, _ = build_masks(theta0, ref_state, rcfg)
-    stats = mask_stats(masks, theta0)
-    log_mask_stats(ctx, stats, ratio)
-    rows = [{"mask_ratio": ratio, "split": "mask", "role": "mask", "metric": k, "value": v}
-            for k, v in stats.summary.items() if k.endswith("frac")]
-    out_dir = ctx.out_dir / f"mask_{ratio:g}" if ctx.out_dir is not None else None
-    model, _ = train_masked(ctx, rcfg, masks, clip=copy.deepcopy(pristine), out_dir=out_dir)
-    for split, res in ctx.evaluate_all(model, mask_ratio=ratio).items():
-        rows += [{"mask_ratio": ratio, "split": split, "role": res.role, "metric": m, "value": v}
-                 for m, v in res.metrics.items()]
+def _ratio_rows(ctx: RunContext, model: nn.Module, ratio: float, stats: MaskStats, *, report: bool,
+                epoch: int | None) -> list[dict]:
+    """Evaluate one ratio's model on every split as sweep rows (and final rows when ``report``),
+    plus its mask fractions, as tidy rows of the run's sweep table."""
+    fractions = {k: v for k, v in stats.summary.items() if k.endswith("frac")}
+    rows = tidy_rows(ctx.dataset, {"mask_ratio": ratio}, "mask", "mask", fractions)
+    for split in ctx.eval_splits():
+        res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
+        rows += ctx.log_point({"mask_ratio": ratio}, res, report=report, epoch=epoch)
     return rows
 
 
-def _sweep_reference(ctx: RunContext, cfg: Config, reference) -> dict[str, torch.Tensor]:
-    if reference is None:
-        return reference_state(ctx, cfg)[0]
-    if isinstance(reference, (str, Path)):
-        return reference_state(ctx, dataclasses.replace(cfg, reference=str(reference)))[0]
-    return dict(reference)
-
-
-def _new_context(dataset, clip, device, seed: int, results_db, progress, cfg, overrides, ratios,
-                 ) -> tuple[RunContext, Config]:
-    """A run context with a freshly registered ``dps`` run (for sweeps called without one)."""
-    from ..data import get_dataset
-    from ..models import load_clip
-    from ..results import ResultsStore
-
-    data = get_dataset(dataset or "synthwild") if dataset is None or isinstance(dataset, str) else dataset
-    cfg = cfg if cfg is not None else resolve_config(Config, PRESETS, data.name, {"train.seed": seed,
-                                                                                  **(overrides or {})})
-    clip = clip if clip is not None else load_clip("synthclip", "synthclip", device=device)
-    store = ResultsStore(results_db)
-    run_id = store.new_run_id(NAME, data.name)
-    store.start_run(run_id, method=NAME, dataset=data.name, model=clip.name, pretrained=clip.pretrained, seed=seed,
-                    config={**dataclasses.asdict(cfg), "mask_ratio": None,  # a sweep reports no single ratio
-                            "swept_mask_ratios": [float(r) for r in ratios]})
-    torch.manual_seed(seed)
-    ctx = RunContext(clip=clip, dataset=data, device=torch.device(device), store=store, run_id=run_id, method=NAME,
-                     seed=seed, out_dir=None, progress=progress, config=cfg)
-    return ctx, cfg
+def _extra_ratio(ctx: RunContext, cfg: Config, ratio: float, theta0, ref_state, pristine: ClipModel) -> list[dict]:
+    """Train and evaluate one more mask ratio from the pretrained weights (``sweep_epochs`` epochs),
+    in ``<out_dir>/mask_<ratio>`` so that it resumes with the run."""
+    train = cfg.train if cfg.sweep_epochs is None else dataclasses.replace(cfg.train, epochs=cfg.sweep_epochs)
+    rcfg = dataclasses.replace(cfg, mask_ratio=ratio, train=train)
+    masks, _ = build_masks(theta0, ref_state, rcfg)
+    stats = mask_stats(masks, theta0)
+    log_mask_stats(ctx, stats, ratio)
+    out_dir = ctx.out_dir / f"mask_{ratio:g}" if ctx.out_dir is not None else None
+    model, fitted = train_masked(ctx, rcfg, masks, clip=copy.deepcopy(pristine), out_dir=out_dir)
+    return _ratio_rows(ctx, model, ratio, stats, report=False, epoch=fitted.best_epoch)

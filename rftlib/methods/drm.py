@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import knobs
 from ..data.base import RFTDataset, Split
 from ..data.loading import LoaderSettings
 from ..data.pipeline import ImageSpec
@@ -67,7 +68,7 @@ from ..evaluate import EvalResult, encode_split
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts
 from ..task import Batch
 from ..train import TrainConfig
-from .common import RunContext, RunResult
+from .common import RunContext, RunResult, metrics_at, sweep_table, tidy_rows
 from .concepts import (
     ClassPrompts,
     ConceptDescriptionError,
@@ -99,6 +100,16 @@ class Config:
     descriptions: str | None = None   # DRM concept-description JSON; None: the dataset's own, else the prepared file
     description_variants: bool = False  # use dataset.info["description_variants"] (several per class)
     templates: tuple[str, ...] | None = None  # default-template prompts (captions + df head); None: the dataset's
+
+    def __post_init__(self):
+        if self.affinity_axis not in AFFINITY_AXES:
+            raise ValueError(f"unknown affinity_axis {self.affinity_axis!r}; valid: {', '.join(AFFINITY_AXES)}")
+        if self.cd_classes not in CD_CLASSES:
+            raise ValueError(f"unknown cd_classes {self.cd_classes!r}; valid: {', '.join(CD_CLASSES)}")
+        self.beta = knobs.check("beta", self.beta)
+        self.betas = knobs.check_all("beta", self.betas) if self.betas else ()
+        if self.lam < 0:
+            raise ValueError(f"lam weighs a risk term and must be >= 0, got {self.lam}")
 
 
 # DRM trains FLYP-style with FLYP's recipes (the FLYP code's README) on every dataset, synthwild's CPU
@@ -222,7 +233,7 @@ def beta_sweep(model: DualHeadClassifier, dataset: RFTDataset, splits: Sequence[
 
     Returns:
         A tidy frame (beta, split, role, metric, value). ``on_result(beta, EvalResult)`` is called
-        for every (beta, split) (e.g. to log rows with ``beta=``).
+        for every (beta, split) (e.g. :meth:`~rftlib.methods.common.RunContext.log_point`).
     """
     rows = []
     for split in splits:
@@ -231,11 +242,10 @@ def beta_sweep(model: DualHeadClassifier, dataset: RFTDataset, splits: Sequence[
         for beta in betas:
             logits = dual_logits(df, cd, float(beta))
             metrics = dataset.compute_metrics(s, logits.argmax(dim=1).numpy())
-            rows += [{"beta": float(beta), "split": split, "role": s.role, "metric": m, "value": v}
-                     for m, v in metrics.items()]
+            rows += tidy_rows(dataset, {"beta": float(beta)}, split, s.role, metrics)
             if on_result is not None:
                 on_result(float(beta), EvalResult(split, s.role, logits, s.labels, s.metadata, metrics))
-    return pd.DataFrame(rows, columns=["beta", "split", "role", "metric", "value"])
+    return sweep_table(rows, "beta")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,18 +332,6 @@ def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]
         "(keyed by label index or class name)")
 
 
-def _check_config(cfg: Config) -> None:
-    if cfg.affinity_axis not in AFFINITY_AXES:
-        raise ValueError(f"unknown affinity_axis {cfg.affinity_axis!r}; valid: {', '.join(AFFINITY_AXES)}")
-    if cfg.cd_classes not in CD_CLASSES:
-        raise ValueError(f"unknown cd_classes {cfg.cd_classes!r}; valid: {', '.join(CD_CLASSES)}")
-    bad = [b for b in (cfg.beta, *cfg.betas) if not 0.0 <= b <= 1.0]
-    if bad:
-        raise ValueError(f"beta values mix two probability vectors and must lie in [0, 1], got {bad}")
-    if cfg.lam < 0:
-        raise ValueError(f"lam weighs a risk term and must be >= 0, got {cfg.lam}")
-
-
 def train_soft_labels(ctx: RunContext, descriptions: Sequence[ClassPrompts], axis: str) -> torch.Tensor:
     """Soft labels of the training split from ``ctx.clip`` as it is now (call before training)."""
     logits = zeroshot_cd_logits(ctx.clip, descriptions, ctx.dataset.split("train"), ctx.spec, device=ctx.device,
@@ -345,30 +343,23 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
     """Soft labels (frozen model) -> DRM training -> one-pass beta sweep of the selected model.
 
     The reported metrics and the returned classifier are dual inference at ``cfg.beta``; every beta
-    of ``cfg.betas`` (plus ``cfg.beta``) is logged with ``beta=`` and returned as ``extra["sweep"]``.
+    of ``cfg.betas`` (plus ``cfg.beta``) is logged as a ``sweep`` row with its ``beta`` knob (and
+    ``cfg.beta``'s also as the ``final`` rows) and returned as ``extra["sweep"]``.
     ``extra`` also holds the ``descriptions`` used, the ``soft_labels`` table, ``best_epoch`` and ``history``.
     """
-    _check_config(cfg)
     descriptions = resolve_descriptions(cfg, ctx.dataset)
     templates = list(cfg.templates or ctx.dataset.templates)
     targets = train_soft_labels(ctx, descriptions, cfg.affinity_axis)
     task = DRMTask(ctx.clip, ctx.dataset.classnames, templates, descriptions, targets, cfg)
 
-    def log_eval(event) -> None:
-        if event.kind == "eval":
-            ctx.log(event.data["split"], event.data["role"], event.data["metrics"], epoch=event.epoch, beta=cfg.beta)
-
-    result = ctx.fit(task, cfg.train, callbacks=[log_eval])
+    fitted = ctx.fit(task, cfg.train, callbacks=[ctx.results_logger({"beta": cfg.beta})])
     model = task.classifier()
-    betas = sorted({float(b) for b in cfg.betas} | {float(cfg.beta)})
+    betas = sorted({*cfg.betas, cfg.beta})
     table = beta_sweep(model, ctx.dataset, ctx.eval_splits(), betas, ctx.spec, device=ctx.device,
-                       on_result=lambda beta, res: ctx.log(res.split, res.role, res.metrics, beta=beta,
-                                                           epoch=result.best_epoch))
-    at = table[table.beta == float(cfg.beta)]
-    metrics = {s: dict(zip(g.metric, g.value)) for s, g in at.groupby("split", sort=False)}
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics, classifier=model, checkpoint=result.best_checkpoint,
-                     clip=ctx.clip, extra={"sweep": table, "best_epoch": result.best_epoch, "history": result.history,
-                                           "descriptions": descriptions, "soft_labels": targets})
+                       on_result=lambda beta, res: ctx.log_point({"beta": beta}, res, report=beta == cfg.beta,
+                                                                 epoch=fitted.best_epoch))
+    return ctx.conclude(model, fitted, metrics=metrics_at(table, "beta", cfg.beta), sweep=table,
+                        descriptions=descriptions, soft_labels=targets)
 
 
 __all__ = ["Config", "DRMTask", "DualHeadClassifier", "NAME", "PRESETS", "beta_sweep", "build_dual_classifier",

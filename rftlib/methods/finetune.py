@@ -26,7 +26,7 @@ from torch import nn
 from ..models import ClipModel, ImageClassifier, ZeroShotHead, build_zeroshot_head
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_of
+from .common import RunContext, RunResult
 
 NAME = "finetune"
 
@@ -84,16 +84,13 @@ class FinetuneTask(Task):
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
 
-def train_classifier(ctx: RunContext, head: ZeroShotHead, cfg: Config, method_name: str = NAME) -> RunResult:
-    """Fine-tune ``ctx.clip``'s image tower with ``head`` (shared by FT and LP-FT)."""
+def train_classifier(ctx: RunContext, head: ZeroShotHead, cfg: Config) -> RunResult:
+    """Fine-tune ``ctx.clip``'s image tower with ``head`` (shared by FT and LP-FT; checkpoints are
+    named after the run's method)."""
     task = FinetuneTask(ctx.clip, head.to(ctx.device), cfg.label_smoothing, method_config=cfg)
-    task.method_name = method_name
-    result = ctx.fit(task, cfg.train)
-    model = task.classifier()
-    final = ctx.evaluate_all(model, epoch=result.best_epoch)
-    return RunResult(ctx.run_id, method_name, ctx.dataset.name, metrics_of(final), classifier=model,
-                     checkpoint=result.best_checkpoint, clip=ctx.clip,
-                     extra={"best_epoch": result.best_epoch, "history": result.history})
+    task.method_name = ctx.method
+    fitted = ctx.fit(task, cfg.train)
+    return ctx.conclude(task.classifier(), fitted)
 
 
 def run(ctx: RunContext, cfg: Config) -> RunResult:

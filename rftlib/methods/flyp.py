@@ -35,7 +35,7 @@ from torch import nn
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_of
+from .common import RunContext, RunResult
 
 NAME = "flyp"
 LABEL_AWARE = ("none", "mask")
@@ -146,9 +146,5 @@ class FlypTask(CaptionMixin, Task):
 def run(ctx: RunContext, cfg: Config) -> RunResult:
     templates = list(cfg.templates or ctx.dataset.templates)
     task = FlypTask(ctx.clip, ctx.dataset.classnames, templates, cfg)
-    result = ctx.fit(task, cfg.train)
-    model = task.classifier()
-    final = ctx.evaluate_all(model, epoch=result.best_epoch)
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics_of(final), classifier=model,
-                     checkpoint=result.best_checkpoint, clip=ctx.clip,
-                     extra={"best_epoch": result.best_epoch, "history": result.history})
+    fitted = ctx.fit(task, cfg.train)
+    return ctx.conclude(task.classifier(), fitted)

@@ -43,6 +43,6 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
                                     or "train")
     head, report = linear_probe.fit_probe(ctx, probe_cfg)
     ft_cfg = finetune.Config(train=cfg.train, label_smoothing=cfg.label_smoothing)
-    result = finetune.train_classifier(ctx, head, ft_cfg, method_name=NAME)
+    result = finetune.train_classifier(ctx, head, ft_cfg)
     result.extra["probe"] = report
     return result

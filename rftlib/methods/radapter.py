@@ -33,15 +33,15 @@ patched. Under DDP, image and caption features and labels are gathered with grad
 spans the global batch (dropping masks come from each rank's torch RNG, seeded and checkpointed by
 the loop, so only ``drop=0`` runs are bit-comparable across world sizes). The run adds the
 adapters to ``ctx.clip`` in place; the returned classifier evaluates the EMA adapters at
-``eval_scale`` without merging.
+``scale`` without merging.
 
 Checkpoints: the loop's checkpoints (``best.safetensors``, ...) hold the *un-merged* CLIP under
 its stock open_clip names plus ``radapter.<block>.ls_{1,2}.<tensor>`` (live adapters) and
 ``radapter_ema.<...>`` (shadows); :func:`load_radapter` rebuilds the adapted model from them
 (:func:`rftlib.models.load_classifier` does not: the adapter keys are not open_clip's). A run
-also writes ``merged.safetensors`` (:func:`export_merged` at ``eval_scale``): a plain CLIP + head
+also writes ``merged.safetensors`` (:func:`export_merged` at ``scale``): a plain CLIP + head
 checkpoint that ``load_classifier`` and stock open_clip load. ``RunResult.extra`` holds the
-re-scaling table (``sweep``) and ``scale_sweep`` (a function ``alphas -> table`` for sliders).
+re-scaling table (``sweep``) and ``scale_sweep`` (a function ``scales -> table`` for sliders).
 
 Choices, each a config knob (defaults in :class:`Config`):
 
@@ -51,7 +51,7 @@ Choices, each a config knob (defaults in :class:`Config`):
   low-rank pair only when ``d < r``, so every ``r < d`` silently trained a full-rank adapter and
   crashed when merging); fixed here.
 * ``drop``, ``granularity`` (above); ``ema`` (``None``: evaluate the live adapters);
-  ``eval_scale`` (the alpha used for per-epoch evaluation, the reported metrics and the merged
+  ``scale`` (the re-scaling alpha used for per-epoch evaluation, the reported metrics and the merged
   export; the released code also applied it to the unmerged evaluation path).
 * ``margin``, ``label_smoothing``. When a batch row has no negatives (every label equal) the
   smoothing mass has nowhere to go; the released formula divides by zero there. Here such a row
@@ -84,10 +84,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist as rdist
+from .. import knobs
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, save_checkpoint
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult
+from .common import RunContext, RunResult, metrics_at, sweep_table, tidy_rows
 from .flyp import CaptionMixin
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,21 @@ class Config:
     ema: float | None = 0.999        # EMA momentum of the adapter shadow (None: no shadow)
     margin: float = 0.05             # MPM-NCE margin delta added to negative similarities
     label_smoothing: float = 0.02    # MPM-NCE smoothing eps spread over the negatives
-    eval_scale: float = 0.5          # re-scaling alpha for evaluation, reported metrics and export
-    sweep_scales: tuple[float, ...] = ()  # extra alphas the run evaluates (and logs as scale=alpha)
+    scale: float = 0.5               # re-scaling alpha for evaluation, reported metrics and export
+    scales: tuple[float, ...] = ()   # extra re-scaling values the run evaluates (sweep rows)
     templates: tuple[str, ...] | None = None  # caption/head templates; None = the dataset's
     export_merged: bool = True       # write <out_dir>/merged.safetensors (plain open_clip + head)
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        self.scale = knobs.check("scale", self.scale)
+        self.scales = knobs.check_all("scale", self.scales) if self.scales else ()
+        for name, value in (("margin", self.margin), ("label_smoothing", self.label_smoothing)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 PRESETS = {
@@ -635,8 +647,9 @@ class RAdapterTask(CaptionMixin, Task):
         return [{"params": matrices, "weight_decay": weight_decay}, {"params": gains, "weight_decay": 0.0}]
 
     def classifier(self, alpha: float | None = None) -> nn.Module:
-        """The image classifier with EMA adapters at ``alpha`` (default ``eval_scale``), head rebuilt."""
-        alpha = self.cfg.eval_scale if alpha is None else alpha
+        """The image classifier with EMA adapters at re-scaling ``alpha`` (default: the config's
+        ``scale``), head rebuilt."""
+        alpha = self.cfg.scale if alpha is None else alpha
         ema = self.cfg.ema is not None
         with adapter_mode(self.model, ema=ema, alpha=alpha):
             head = build_zeroshot_head(self.clip, self.classnames, self.templates)
@@ -652,70 +665,55 @@ class RAdapterTask(CaptionMixin, Task):
 # --------------------------------------------------------------------------------------------------
 # the re-scaling sweep and the run
 # --------------------------------------------------------------------------------------------------
-def scale_sweep(ctx: RunContext, alphas: Sequence[float], *, splits: Sequence[str] | None = None,
+def scale_sweep(ctx: RunContext, scales: Sequence[float], *, splits: Sequence[str] | None = None,
                 templates: Sequence[str] | None = None, use_ema: bool = True, log_rows: bool = True,
-                epoch: int | None = None) -> pd.DataFrame:
-    """Evaluate the model merged at every alpha (the notebook's re-scaling slider).
+                report: float | None = None, epoch: int | None = None) -> pd.DataFrame:
+    """Evaluate the model merged at every re-scaling value (the notebook's slider).
 
-    For each alpha: merge the adapters into ``ctx.clip`` (EMA shadow by default), rebuild the
+    For each value: merge the adapters into ``ctx.clip`` (EMA shadow by default), rebuild the
     zero-shot head from the merged text tower, evaluate every split, unmerge. Decoded images are
-    reused across alphas.
+    reused across values.
 
     Args:
         ctx: a run context whose ``clip`` carries R-Adapters (e.g. from a finished run).
-        alphas: re-scaling coefficients (0 = zero-shot, 1 = fully adapted).
+        scales: re-scaling coefficients (0 = zero-shot, 1 = fully adapted).
         splits: default: every ID/OOD evaluation split.
         templates: head templates (default: the dataset's).
         use_ema: merge the EMA shadow (as evaluated in the paper) or the live adapters.
-        log_rows: write rows to the results store with ``scale=alpha``.
+        log_rows: write ``sweep`` rows with their ``scale`` knob to the results store (and the
+            ``report`` value's also as the run's ``final`` rows).
         epoch: recorded with the logged rows.
 
     Returns:
-        A tidy frame with columns ``alpha, split, role, metric, value``.
+        A tidy frame with columns ``scale, split, role, metric, value``.
     """
     from ..evaluate import evaluate
 
     templates = list(templates or ctx.dataset.templates)
     rows = []
-    for alpha in alphas:
-        with merged(ctx.clip, alpha, use_ema=use_ema):
+    for scale in map(float, scales):
+        with merged(ctx.clip, scale, use_ema=use_ema):
             head = build_zeroshot_head(ctx.clip, ctx.dataset.classnames, templates)
             model = ImageClassifier(ctx.clip.visual, head)
             for split in splits or ctx.eval_splits():
+                res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
                 if log_rows:
-                    res = ctx.evaluate(model, split, scale=float(alpha), epoch=epoch)
+                    rows += ctx.log_point({"scale": scale}, res, report=scale == report, epoch=epoch)
                 else:
-                    res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device)
-                rows += [{"alpha": float(alpha), "split": split, "role": res.role, "metric": m, "value": v}
-                         for m, v in res.metrics.items()]
-    return pd.DataFrame(rows, columns=["alpha", "split", "role", "metric", "value"])
-
-
-def _check_config(cfg: Config) -> None:
-    if cfg.granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {cfg.granularity!r}; valid: {', '.join(GRANULARITIES)}")
-    for name in ("eval_scale", "margin", "label_smoothing"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise ValueError(f"{name} must be finite, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+                    rows += tidy_rows(ctx.dataset, {"scale": scale}, split, res.role, res.metrics)
+    return sweep_table(rows, "scale")
 
 
 def run(ctx: RunContext, cfg: Config) -> RunResult:
-    _check_config(cfg)
     templates = list(cfg.templates or ctx.dataset.templates)
     task = RAdapterTask(ctx.clip, ctx.dataset.classnames, templates, cfg)
-    result = ctx.fit(task, cfg.train)
+    fitted = ctx.fit(task, cfg.train)
     use_ema = cfg.ema is not None
-    alphas = sorted({float(cfg.eval_scale), *map(float, cfg.sweep_scales)})
-    table = scale_sweep(ctx, alphas, templates=templates, use_ema=use_ema, epoch=result.best_epoch)
-    at = table[table.alpha == float(cfg.eval_scale)]
-    metrics = {s: dict(zip(g.metric, g.value)) for s, g in at.groupby("split", sort=False)}
-    extra = {"best_epoch": result.best_epoch, "history": result.history, "sweep": table,
-             "scale_sweep": partial(scale_sweep, ctx, templates=templates, use_ema=use_ema)}
+    table = scale_sweep(ctx, sorted({cfg.scale, *cfg.scales}), templates=templates, use_ema=use_ema,
+                        report=cfg.scale, epoch=fitted.best_epoch)
+    extra = {"sweep": table, "scale_sweep": partial(scale_sweep, ctx, templates=templates, use_ema=use_ema)}
     if ctx.out_dir is not None and cfg.export_merged and rdist.current().is_main:
         extra["merged_checkpoint"] = export_merged(
-            ctx.clip, cfg.eval_scale, Path(ctx.out_dir) / "merged.safetensors", classnames=ctx.dataset.classnames,
+            ctx.clip, cfg.scale, Path(ctx.out_dir) / "merged.safetensors", classnames=ctx.dataset.classnames,
             templates=templates, use_ema=use_ema, method_config=cfg)
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics, classifier=task.classifier(),
-                     checkpoint=result.best_checkpoint, clip=ctx.clip, extra=extra)
+    return ctx.conclude(task.classifier(), fitted, metrics=metrics_at(table, "scale", cfg.scale), **extra)

@@ -12,10 +12,11 @@ The output-space ensemble (the paper's baseline) mixes the two models' logits (o
 probabilities) instead: two forward passes per image, no weight merge.
 
 Knobs: ``finetuned`` (checkpoint path; ``None`` runs ``base_method`` first, configured by
-``base_overrides`` or the ``epochs`` / ``batch_size`` shortcuts), ``alphas``,
-``ensemble`` (``weights`` | ``outputs``), ``output_space`` (``logits`` | ``probs``),
-``report_alpha`` (the mixing the run reports as its result; 0.5 is the paper's choice when no OOD
-data is available).
+``base_overrides``), ``alphas`` (the sweep), ``alpha`` (the mixing the run reports as its
+result; 0.5 is the paper's choice when no OOD data is available), ``ensemble`` (``weights`` |
+``outputs``), ``output_space`` (``logits`` | ``probs``). The run records its base method, so a
+WiSE-FT sweep over FLYP and one over fine-tuning stay two curves in a comparison; rows are logged
+as ``sweep`` rows at every alpha and ``final`` rows at ``alpha``.
 
 Paper: Wortsman, Ilharco, Kim, Li, Kornblith, Roelofs, Gontijo-Lopes, Hajishirzi, Farhadi,
 Namkoong, Schmidt, "Robust fine-tuning of zero-shot models", CVPR 2022. Unlike the reference code
@@ -25,6 +26,7 @@ this sweep neither rebuilds datasets nor re-decodes images nor saves a model per
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..data.base import RFTDataset
-from ..data.pipeline import ImageSpec
+from .. import knobs
 from ..evaluate import evaluate
 from ..models import (
     ClipModel,
@@ -44,25 +45,35 @@ from ..models import (
     classifier_state,
     load_checkpoint,
 )
-from .common import RunContext, RunResult
+from .common import RunContext, RunResult, metrics_at, sweep_table
 
 log = logging.getLogger(__name__)
 NAME = "wiseft"
 DEFAULT_ALPHAS = tuple(round(i / 10, 2) for i in range(11))
 ENSEMBLES = ("weights", "outputs")
+OUTPUT_SPACES = ("logits", "probs")
 
 
 @dataclass
 class Config:
     finetuned: str | None = None        # fine-tuned checkpoint (.safetensors); None: run base_method first
     base_method: str = "finetune"       # method that produces the fine-tuned end point when needed
-    base_overrides: dict | None = None  # config overrides for the base_method run
-    epochs: int | None = None           # shortcut for base_overrides["epochs"] (None: the base preset's)
-    batch_size: int | None = None       # shortcut for base_overrides["batch_size"]
+    base_overrides: dict | None = None  # config overrides for the base_method run (e.g. {"epochs": 2})
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # mixing coefficients to evaluate (0 = zero-shot)
+    alpha: float = 0.5                  # the alpha whose metrics the run reports as its result
     ensemble: str = "weights"           # "weights" (WiSE-FT) or "outputs" (output-space ensemble)
     output_space: str = "logits"        # for ensemble="outputs": mix "logits" or "probs"
-    report_alpha: float = 0.5           # the alpha whose metrics the run reports
+
+    def __post_init__(self):
+        self.alphas = knobs.check_all("alpha", self.alphas) if self.alphas else ()
+        self.alpha = knobs.check("alpha", self.alpha)
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"unknown ensemble {self.ensemble!r}; valid: {', '.join(ENSEMBLES)}")
+        if self.output_space not in OUTPUT_SPACES:
+            raise ValueError(f"unknown output_space {self.output_space!r}; valid: {', '.join(OUTPUT_SPACES)}")
+        if self.finetuned is not None and self.base_overrides:
+            raise ValueError(f"base_overrides configure the base_method run, but finetuned={self.finetuned!r} is "
+                             "given, so nothing is trained; drop one of them")
 
 
 PRESETS: dict = {}
@@ -139,92 +150,65 @@ def zeroshot_state_for(clip: ClipModel, finetuned_state: Mapping[str, torch.Tens
     return state
 
 
-def sweep(wise: WiseModel, dataset: RFTDataset, splits: Sequence[str], alphas: Sequence[float], spec: ImageSpec, *,
-          device=None, on_result=None) -> pd.DataFrame:
-    """Evaluate every alpha on every split; decoded images are reused across alphas.
+def sweep(ctx: RunContext, wise: WiseModel, alphas: Sequence[float], *, report: float | None = None) -> pd.DataFrame:
+    """Evaluate the weight-space mix at every alpha on every split, logging each point (and the
+    ``report`` alpha's as the run's final rows); decoded images are reused across alphas.
 
-    Returns a tidy frame (alpha, split, role, metric, value); ``on_result(alpha, EvalResult)`` is
-    called after each evaluation (e.g. to log to the results store).
+    Returns:
+        A tidy frame (alpha, split, role, metric, value).
     """
     rows = []
     for alpha in alphas:
         model = wise.model_at(alpha)
-        for split in splits:
-            res = evaluate(model, dataset, split, spec, device=device)
-            rows += [{"alpha": float(alpha), "split": split, "role": res.role, "metric": m, "value": v}
-                     for m, v in res.metrics.items()]
-            if on_result is not None:
-                on_result(alpha, res)
-    return pd.DataFrame(rows)
+        for split in ctx.eval_splits():
+            res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
+            rows += ctx.log_point({"alpha": float(alpha)}, res, report=alpha == report)
+    return sweep_table(rows, "alpha")
 
 
-def output_sweep(zs_model, ft_model, dataset: RFTDataset, splits: Sequence[str], alphas: Sequence[float],
-                 spec: ImageSpec, *, space: str = "logits", device=None, on_result=None) -> pd.DataFrame:
-    """The output-space ensemble for every alpha: two forward passes per split, then pure mixing."""
+def output_sweep(ctx: RunContext, zs_model, ft_model, alphas: Sequence[float], *, space: str = "logits",
+                 report: float | None = None) -> pd.DataFrame:
+    """The output-space ensemble for every alpha: two forward passes per split, then pure mixing
+    (logged like :func:`sweep`)."""
     rows = []
-    for split in splits:
-        zs = evaluate(zs_model, dataset, split, spec, device=device)
-        ft = evaluate(ft_model, dataset, split, spec, device=device)
+    for split in ctx.eval_splits():
+        zs = evaluate(zs_model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
+        ft = evaluate(ft_model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
         for alpha in alphas:
             logits = output_ensemble(zs.logits, ft.logits, alpha, space)
-            metrics = dataset.compute_metrics(split, logits.argmax(1).numpy())
-            rows += [{"alpha": float(alpha), "split": split, "role": zs.role, "metric": m, "value": v}
-                     for m, v in metrics.items()]
-            if on_result is not None:
-                on_result(alpha, type(zs)(split, zs.role, logits, zs.labels, zs.metadata, metrics))
-    return pd.DataFrame(rows)
+            metrics = ctx.dataset.compute_metrics(split, logits.argmax(1).numpy())
+            res = dataclasses.replace(zs, logits=logits, metrics=metrics)
+            rows += ctx.log_point({"alpha": float(alpha)}, res, report=alpha == report)
+    return sweep_table(rows, "alpha")
 
 
 def _finetuned_state(ctx: RunContext, cfg: Config) -> tuple[dict, Path | None]:
+    """The fine-tuned end point: the given checkpoint (its method recorded as the base), or a run
+    of ``cfg.base_method`` (trained on a copy, so ``ctx.clip`` stays zero-shot)."""
     if cfg.finetuned is not None:
         state, sidecar = load_checkpoint(cfg.finetuned, architecture=ctx.clip.name)
         if sidecar.get("classnames") not in (None, ctx.dataset.classnames) and "head.weight" in state:
             raise ValueError(f"{cfg.finetuned} was trained on other classes than {ctx.dataset.name}'s")
+        ctx.store.set_base_method(ctx.run_id, sidecar.get("method"))
         return state, Path(cfg.finetuned)
-    from . import run_method  # the base method trains a copy, so ctx.clip stays zero-shot
-
-    base = run_method(cfg.base_method, data=ctx.dataset, clip=copy.deepcopy(ctx.clip), device=ctx.device,
-                      seed=ctx.seed, results_db=str(ctx.store.path), out_dir=ctx.out_dir / cfg.base_method
-                      if ctx.out_dir else None, progress=ctx.progress, callbacks=ctx.callbacks,
-                      overrides=base_run_overrides(cfg))
+    base = ctx.run_base(cfg.base_method, cfg.base_overrides)
     if base.checkpoint is not None:
         return load_checkpoint(base.checkpoint)[0], base.checkpoint
-    head = getattr(base.classifier, "head", None)
+    head = base.classifier.head if isinstance(base.classifier, ImageClassifier) else None
     return {k: v.detach().cpu() for k, v in classifier_state(base.clip, head).items()}, None
 
 
-def base_run_overrides(cfg: Config) -> dict:
-    """Overrides of the base_method run: ``base_overrides`` plus the ``epochs``/``batch_size`` shortcuts."""
-    shortcuts = {k: v for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)) if v is not None}
-    return {**(cfg.base_overrides or {}), **shortcuts}
-
-
 def run(ctx: RunContext, cfg: Config) -> RunResult:
-    if cfg.finetuned is not None and base_run_overrides(cfg):
-        raise ValueError(f"epochs/batch_size/base_overrides configure the base_method run, but finetuned="
-                         f"{cfg.finetuned!r} is given, so nothing is trained; drop one of them")
-    if cfg.ensemble not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {cfg.ensemble!r}; valid: {', '.join(ENSEMBLES)}")
-    if any(not 0.0 <= a <= 1.0 for a in cfg.alphas):
-        raise ValueError(f"alphas must lie in [0, 1], got {cfg.alphas}")
     ft_state, ft_path = _finetuned_state(ctx, cfg)
     names, templates = ctx.dataset.classnames, ctx.dataset.templates
     zs_state = zeroshot_state_for(ctx.clip, ft_state, names, templates)
     wise = WiseModel(ctx.clip, zs_state, ft_state, names, templates)
-    alphas = sorted(set(cfg.alphas) | {cfg.report_alpha})
-
-    def log_result(alpha, res):
-        ctx.log(res.split, res.role, res.metrics, alpha=alpha)
-
+    alphas = sorted(set(cfg.alphas) | {cfg.alpha})
     if cfg.ensemble == "weights":
-        table = sweep(wise, ctx.dataset, ctx.eval_splits(), alphas, ctx.spec, device=ctx.device, on_result=log_result)
+        table = sweep(ctx, wise, alphas, report=cfg.alpha)
     else:
         ft_model = copy.deepcopy(wise.model_at(1.0))  # model_at reuses one working copy
-        zs_model = wise.model_at(0.0)
-        table = output_sweep(zs_model, ft_model, ctx.dataset, ctx.eval_splits(), alphas, ctx.spec,
-                             space=cfg.output_space, device=ctx.device, on_result=log_result)
-    at = table[table.alpha == cfg.report_alpha]
-    metrics = {s: dict(zip(g.metric, g.value)) for s, g in at.groupby("split", sort=False)}
-    model = wise.model_at(cfg.report_alpha) if cfg.ensemble == "weights" else None
-    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics, classifier=model, checkpoint=ft_path, clip=ctx.clip,
-                     extra={"sweep": table, "wise": wise})
+        table = output_sweep(ctx, wise.model_at(0.0), ft_model, alphas, space=cfg.output_space, report=cfg.alpha)
+    model = wise.model_at(cfg.alpha) if cfg.ensemble == "weights" else None
+    return RunResult(ctx.run_id, NAME, ctx.dataset.name, metrics_at(table, "alpha", cfg.alpha), classifier=model,
+                     checkpoint=ft_path, clip=ctx.clip, extra={"sweep": table, "wise": wise})

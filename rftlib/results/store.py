@@ -17,12 +17,18 @@ How that is achieved:
   no connection outlives a ``fork``.
 
 The ``results`` table is *tidy*: one row per metric value, with the things you group and filter by
-(method, dataset, split, metric, and the hyper-parameters of the weight-space methods: ``alpha``
-for WiSE-FT interpolation, ``mask_ratio``, ``beta``, ``scale``) as real columns, and everything else
-about the run in ``config_json``. A plot is then one ``load(...)`` plus a pandas ``pivot``.
-The ``runs`` table registers each run once (``start_run``/``finish_run``) so that crashed runs can
-be told apart from finished ones, and so that ``log_metrics`` can fill in a run's method, dataset,
-model and config without the caller repeating them.
+(run, method, dataset, split, metric, epoch, seed) as real columns, the row's ``kind`` (``final``,
+``epoch``, ``sweep`` or ``info``; :data:`~rftlib.results.schema.ROW_KINDS`) and its knobs (any
+names, any number: ``{"alpha": 0.5}``) as canonical JSON that :meth:`ResultsStore.load` expands
+into one column per knob. A plot is then one ``load(...)`` plus a pandas ``pivot``. Logging is
+idempotent: a row is unique per (run, kind, split, metric, knobs, epoch, step), so a resumed or
+re-run command replaces its rows instead of duplicating them. The ``runs`` table registers each
+run once (``start_run``/``finish_run``) so that crashed runs can be told apart from finished ones,
+so that ``log_metrics`` can fill in a run's method, dataset, model and config without the caller
+repeating them, and so that a comparison knows each split's headline metric.
+
+The schema is versioned (:mod:`rftlib.results.schema`); a store written by an older release is
+migrated on its first write, and read through an in-memory migrated copy until then.
 
 The file lives at ``results.db`` in the runs folder (:func:`runs_dir`: ``$RFT_RUNS_DIR``, else
 ``rft_runs/`` under the current directory) unless the ``RFT_RESULTS_DB`` environment variable or an
@@ -44,7 +50,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
+
+from .schema import RESULT_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION, knobs_json, row_key, upgrade, version
 
 logger = logging.getLogger(__name__)
 
@@ -57,60 +66,16 @@ LOCK_RETRIES = 5
 RUN_STATUSES = ("running", "done", "failed")
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 
-RESULT_COLUMNS: dict[str, str] = {
-    "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-    "run_id": "TEXT NOT NULL",
-    "method": "TEXT",
-    "dataset": "TEXT",
-    "model": "TEXT",
-    "pretrained": "TEXT",
-    "split": "TEXT",
-    "role": "TEXT",
-    "metric": "TEXT NOT NULL",
-    "value": "REAL",
-    "alpha": "REAL",
-    "mask_ratio": "REAL",
-    "beta": "REAL",
-    "scale": "REAL",
-    "epoch": "INTEGER",
-    "step": "INTEGER",
-    "seed": "INTEGER",
-    "config_json": "TEXT",
-    "created_at": "TEXT",
-}
-"""Columns of the ``results`` table and their SQLite declarations."""
-
-RUN_COLUMNS: dict[str, str] = {
-    "run_id": "TEXT PRIMARY KEY",
-    "method": "TEXT",
-    "dataset": "TEXT",
-    "model": "TEXT",
-    "pretrained": "TEXT",
-    "seed": "INTEGER",
-    "config_json": "TEXT",
-    "status": "TEXT",
-    "created_at": "TEXT",
-    "finished_at": "TEXT",
-}
-"""Columns of the ``runs`` table and their SQLite declarations."""
-
-# results columns a caller may set (id is assigned by SQLite); "config" is accepted as a dict alias
+# results columns a caller may set (id is assigned by SQLite; knobs_json and row_key are derived)
 _WRITABLE_RESULT_COLUMNS = tuple(c for c in RESULT_COLUMNS if c != "id")
+_CALLER_COLUMNS = tuple(c for c in _WRITABLE_RESULT_COLUMNS if c not in ("knobs_json", "row_key"))
 # run fields that log_metrics inherits from the runs table when the caller leaves them out
 _INHERITED_FIELDS = ("method", "dataset", "model", "pretrained", "seed", "config_json")
 _DATETIME_COLUMNS = ("created_at", "finished_at")
-
-
-def _schema_statements() -> tuple[str, ...]:
-    """The ``CREATE ... IF NOT EXISTS`` statements; idempotent, so racing processes may both run them."""
-    results_cols = ",\n  ".join(f"{name} {decl}" for name, decl in RESULT_COLUMNS.items())
-    run_cols = ",\n  ".join(f"{name} {decl}" for name, decl in RUN_COLUMNS.items())
-    return (
-        f"CREATE TABLE IF NOT EXISTS results (\n  {results_cols}\n)",
-        "CREATE INDEX IF NOT EXISTS idx_results_run_id ON results (run_id)",
-        "CREATE INDEX IF NOT EXISTS idx_results_method_dataset ON results (method, dataset)",
-        f"CREATE TABLE IF NOT EXISTS runs (\n  {run_cols}\n)",
-    )
+LOADED_COLUMNS: dict[str, str] = {
+    **{k: v for k, v in RESULT_COLUMNS.items() if k != "row_key"}, "base_method": "TEXT", "splits_json": "TEXT"}
+"""The columns :meth:`ResultsStore.load` returns before the knob columns: the results table's
+(without the internal ``row_key``) plus the run's ``base_method`` and ``splits_json``."""
 
 
 def runs_dir() -> Path:
@@ -232,14 +197,15 @@ def _typed_frame(frame: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFram
     return pd.DataFrame(converted, index=frame.index)
 
 
-def _where_clause(filters: Mapping[str, Any], allowed: Sequence[str]) -> tuple[str, list[Any]]:
+def _where_clause(filters: Mapping[str, Any], allowed: Mapping[str, str]) -> tuple[str, list[Any]]:
     """Turn ``column=value`` filters into a parameterised SQL ``WHERE`` clause.
 
     A list/tuple/set value means ``IN (...)``, None means ``IS NULL``, anything else ``=``.
 
     Args:
         filters: Column names mapped to the wanted values.
-        allowed: The column names that may be filtered on (guards against SQL injection).
+        allowed: The column names that may be filtered on (guards against SQL injection), each
+            mapped to its SQL expression (e.g. ``"r.method"``).
 
     Returns:
         ``(sql, params)``; ``sql`` is empty when there are no filters.
@@ -251,7 +217,8 @@ def _where_clause(filters: Mapping[str, Any], allowed: Sequence[str]) -> tuple[s
     if unknown:
         raise ValueError(f"unknown filter column(s) {unknown}; valid columns: {', '.join(allowed)}")
     clauses, params = [], []
-    for name, value in filters.items():
+    for key, value in filters.items():
+        name = allowed[key]
         if value is None:
             clauses.append(f"{name} IS NULL")
         elif isinstance(value, (list, tuple, set, frozenset)):
@@ -276,7 +243,8 @@ class ResultsStore:
         >>> store = ResultsStore("/tmp/demo.db")
         >>> run = store.new_run_id("wiseft", "iwildcam")
         >>> store.start_run(run, method="wiseft", dataset="iwildcam", model="ViT-B-16", seed=0)
-        >>> store.log_metrics(run, {"accuracy": 0.71, "macro_f1": 0.38}, split="test", alpha=0.5)
+        >>> store.log_metrics(run, {"accuracy": 0.71, "macro_f1": 0.38}, split="test", kind="sweep",
+        ...                   knobs={"alpha": 0.5})
         2
         >>> store.finish_run(run)
         >>> store.load(method="wiseft", metric="macro_f1")[["alpha", "value"]]  # doctest: +SKIP
@@ -292,7 +260,7 @@ class ResultsStore:
     def __init__(self, path: str | os.PathLike | None = None, *, writer: bool | None = None):
         self.path = resolve_path(path)
         if writer is None:
-            from .dist import current
+            from ..dist import current
 
             writer = current().is_main
         self.writer = writer
@@ -322,8 +290,7 @@ class ResultsStore:
             conn.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _schema_statements():
-                    conn.execute(statement)
+                upgrade(conn)
                 yield conn
             except BaseException:
                 if conn.in_transaction:
@@ -345,38 +312,54 @@ class ResultsStore:
 
         return _with_lock_retries(attempt, what)
 
-    def _read(self, table: str, columns: Mapping[str, str], filters: Mapping[str, Any]) -> pd.DataFrame:
-        """Select the rows of ``table`` matching ``filters`` as a typed frame (empty if no file)."""
-        where, params = _where_clause(filters, list(columns))
+    def _read_connection(self) -> sqlite3.Connection:
+        """A connection to read from: the file itself, or, for a store an older release wrote (not
+        migrated until its first write), an in-memory copy migrated to this schema."""
+        conn = self._open()
+        if version(conn) in (0, SCHEMA_VERSION):
+            return conn
+        try:
+            memory = sqlite3.connect(":memory:", isolation_level=None)
+            conn.backup(memory)
+        finally:
+            conn.close()
+        memory.execute("BEGIN")
+        upgrade(memory)
+        memory.execute("COMMIT")
+        return memory
+
+    def _read(self, source: str, columns: Mapping[str, str], filters: Mapping[str, Any]) -> pd.DataFrame:
+        """Select ``columns`` (name -> SQL expression) from ``source`` matching ``filters`` as a typed
+        frame, oldest first (empty if there is no file or no table yet)."""
+        declared = {name: {**RESULT_COLUMNS, **RUN_COLUMNS, **LOADED_COLUMNS}[name] for name in columns}
+        where, params = _where_clause(filters, columns)
         if not self.path.exists():
-            return _empty_frame(columns)
-        order = "id" if "id" in columns else "created_at"
-        sql = f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY {order}"
+            return _empty_frame(declared)
+        order = columns["id"] if "id" in columns else columns["created_at"]
+        sql = f"SELECT {', '.join(columns.values())} FROM {source}{where} ORDER BY {order}"
 
         def attempt() -> list[tuple]:
-            conn = self._open()
+            conn = self._read_connection()
             try:
                 return conn.execute(sql, params).fetchall()
             finally:
                 conn.close()
 
         try:
-            records = _with_lock_retries(attempt, f"load {table}")
+            records = _with_lock_retries(attempt, f"load {source}")
         except sqlite3.OperationalError as error:
             if "no such table" not in str(error):
                 raise
-            return _empty_frame(columns)
+            return _empty_frame(declared)
         frame = pd.DataFrame.from_records(records, columns=list(columns), coerce_float=False)
-        return _typed_frame(frame.astype(object), columns)
+        return _typed_frame(frame.astype(object), declared)
 
     # ------------------------------------------------------------------ runs
     @staticmethod
     def new_run_id(method: str, dataset: str) -> str:
-        """A readable, unique run id such as ``wiseft-iwildcam-20240501T120000Z-3f9a1c``.
-
-        Args:
-            method: The method name.
-            dataset: The dataset name.
+        """A readable, unique run id such as ``wiseft-iwildcam-20240501T120000Z-3f9a1c``, for ad-hoc
+        logging; :func:`rftlib.methods.run_method` names its runs by content instead
+        (:func:`rftlib.runs.run_id_for`), so the same command finds the same run.
 
         Returns:
             ``method-dataset-<UTC timestamp>-<6 random hex digits>``.
@@ -394,22 +377,28 @@ class ResultsStore:
         pretrained: str | None = None,
         seed: int | None = None,
         config: Mapping[str, Any] | None = None,
+        base_method: str | None = None,
+        splits: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
-        """Register a run with status ``running`` (re-registering an id resets it to ``running``).
+        """Register a run with status ``running`` (re-registering an id resets it to ``running`` and
+        keeps its rows: they are replaced one by one as the run logs them again).
 
         Args:
-            run_id: The run's id, e.g. from :meth:`new_run_id`.
+            run_id: The run's id.
             method: Method name (``"zeroshot"``, ``"finetune"``, ``"wiseft"``, ...).
             dataset: Dataset name.
             model: Model architecture, e.g. ``"ViT-B-32"``.
             pretrained: Pre-trained weights tag, e.g. ``"openai"``.
             seed: Random seed.
             config: The full run configuration; stored as canonical JSON.
+            base_method: The method of the run this one builds on (WiSE-FT over ``"flyp"``).
+            splits: Each evaluated split's facts, ``{split: {"role", "metric", "use"}}``
+                (:meth:`rftlib.data.base.RFTDataset.split_facts`).
         """
         row = {
-            "run_id": run_id, "method": method, "dataset": dataset, "model": model,
+            "run_id": run_id, "method": method, "base_method": base_method, "dataset": dataset, "model": model,
             "pretrained": pretrained, "seed": seed, "config_json": _config_json(config),
-            "status": "running", "created_at": _utc_now(), "finished_at": None,
+            "splits_json": _config_json(splits), "status": "running", "created_at": _utc_now(), "finished_at": None,
         }
         names = ", ".join(row)
         kept = ("run_id", "created_at")  # a restarted run keeps its first creation time
@@ -421,6 +410,11 @@ class ResultsStore:
         params = [_sql_value(v) for v in row.values()]
         self._write(f"start_run {run_id}", lambda conn: conn.execute(sql, params))
         logger.debug("started run %s", run_id)
+
+    def set_base_method(self, run_id: str, base_method: str | None) -> None:
+        """Record the method of the run that ``run_id`` builds on (known once the base is chosen)."""
+        sql = "UPDATE runs SET base_method = ? WHERE run_id = ?"
+        self._write(f"set_base_method {run_id}", lambda conn: conn.execute(sql, (base_method, run_id)))
 
     def finish_run(self, run_id: str, status: str = "done") -> None:
         """Mark a registered run as finished.
@@ -443,6 +437,19 @@ class ResultsStore:
             raise KeyError(f"run {run_id!r} was never registered with start_run")
         logger.debug("run %s -> %s", run_id, status)
 
+    def delete_run(self, run_id: str) -> int:
+        """Forget a run: its registration and every row it logged (e.g. before retraining it).
+
+        Returns:
+            The number of result rows deleted.
+        """
+        def work(conn: sqlite3.Connection) -> int:
+            deleted = conn.execute("DELETE FROM results WHERE run_id = ?", (run_id,)).rowcount
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            return deleted
+
+        return self._write(f"delete_run {run_id}", work) or 0
+
     def runs(self, **filters: Any) -> pd.DataFrame:
         """The run registry, oldest first.
 
@@ -452,7 +459,12 @@ class ResultsStore:
         Returns:
             One row per run with the columns of :data:`RUN_COLUMNS`.
         """
-        return self._read("runs", RUN_COLUMNS, filters)
+        return self._read("runs", {name: name for name in RUN_COLUMNS}, filters)
+
+    def run_status(self, run_id: str) -> str | None:
+        """``running``, ``done`` or ``failed`` for a registered run; None for an unknown one."""
+        found = self.runs(run_id=run_id)
+        return None if found.empty else str(found["status"].iloc[0])
 
     # ------------------------------------------------------------------ results
     def log_metrics(
@@ -462,20 +474,19 @@ class ResultsStore:
         *,
         split: str,
         role: str | None = None,
+        kind: str = "final",
+        knobs: Mapping[str, float] | None = None,
         method: str | None = None,
         dataset: str | None = None,
         model: str | None = None,
         pretrained: str | None = None,
-        alpha: float | None = None,
-        mask_ratio: float | None = None,
-        beta: float | None = None,
-        scale: float | None = None,
         epoch: int | None = None,
         step: int | None = None,
         seed: int | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> int:
-        """Append one row per metric, all in one transaction.
+        """Write one row per metric, all in one transaction, replacing the run's earlier rows with
+        the same kind, split, metric, knobs, epoch and step.
 
         Fields left as None (method, dataset, model, pretrained, seed, config) are inherited from
         the run's :meth:`start_run` registration when there is one.
@@ -485,14 +496,11 @@ class ResultsStore:
             metrics: Metric names mapped to values (numpy/torch scalars are fine).
             split: The evaluation split, e.g. ``"id_test"`` or ``"test"``.
             role: What the split plays in the study, e.g. ``"id"``, ``"ood"`` or ``"val"``.
-            method: Method name.
-            dataset: Dataset name.
-            model: Model architecture.
-            pretrained: Pre-trained weights tag.
-            alpha: Interpolation coefficient (WiSE-FT).
-            mask_ratio: Fraction of weights masked or kept, for masking methods.
-            beta: A method's second mixing coefficient.
-            scale: A scaling coefficient (e.g. task-vector scale).
+            kind: What the rows are: ``final`` (the run's headline result), ``epoch``, ``sweep`` or
+                ``info`` (:data:`~rftlib.results.schema.ROW_KINDS`).
+            knobs: The method's knob values these numbers were measured at, any names
+                (``{"alpha": 0.5}``); finite numbers only.
+            method, dataset, model, pretrained: The run's identity (default: its registration's).
             epoch: Training epoch.
             step: Optimisation step.
             seed: Random seed.
@@ -502,12 +510,12 @@ class ResultsStore:
             The number of rows written (``len(metrics)``).
         """
         shared = {
-            "run_id": run_id, "method": method, "dataset": dataset, "model": model,
-            "pretrained": pretrained, "split": split, "role": role, "alpha": alpha,
-            "mask_ratio": mask_ratio, "beta": beta, "scale": scale, "epoch": epoch, "step": step,
-            "seed": seed, "config_json": _config_json(config), "created_at": _utc_now(),
+            "run_id": run_id, "method": method, "dataset": dataset, "model": model, "pretrained": pretrained,
+            "split": split, "role": role, "kind": kind, "knobs": knobs, "epoch": epoch, "step": step, "seed": seed,
+            "config": config,
         }
-        rows = [{**shared, "metric": name, "value": value} for name, value in metrics.items()]
+        now = _utc_now()
+        rows = [_prepare_row({**shared, "metric": name, "value": value}, now) for name, value in metrics.items()]
 
         def work(conn: sqlite3.Connection) -> int:
             inherited = self._run_fields(conn, run_id)
@@ -527,20 +535,18 @@ class ResultsStore:
         return dict(zip(_INHERITED_FIELDS, found, strict=True)) if found else {}
 
     def log_rows(self, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Bulk-insert already-tidy rows in one transaction.
+        """Bulk-write already-tidy rows in one transaction (idempotent, like :meth:`log_metrics`).
 
-        Each row maps column names (see :data:`RESULT_COLUMNS`; ``config`` is accepted as a dict
-        alias of ``config_json``) to values; ``run_id`` and ``metric`` are required, ``created_at``
-        defaults to now, and missing columns are NULL. No run-registry fill-in happens here.
-
-        Args:
-            rows: The rows to insert.
+        Each row maps column names (see :data:`RESULT_COLUMNS`; ``knobs`` is a dict of knob values,
+        ``config`` a dict alias of ``config_json``) to values; ``run_id`` and ``metric`` are
+        required, ``kind`` defaults to ``final``, ``created_at`` to now, and missing columns are
+        NULL. No run-registry fill-in happens here.
 
         Returns:
             The number of rows written.
 
         Raises:
-            ValueError: If a row has unknown keys or lacks ``run_id``/``metric``.
+            ValueError: If a row has unknown keys, lacks ``run_id``/``metric``, or has a bad kind or knob.
         """
         now = _utc_now()
         prepared = [_prepare_row(row, now) for row in rows]
@@ -552,14 +558,20 @@ class ResultsStore:
         """Read results as a tidy DataFrame, in insertion order.
 
         Args:
-            **filters: ``column=value`` equality filters, e.g. ``method="wiseft", split="test"``;
-                a list/tuple value means "any of", None means "is missing".
+            **filters: ``column=value`` equality filters, e.g. ``method="wiseft", kind="sweep"``;
+                a list/tuple value means "any of", None means "is missing". A name that is not a
+                column filters on a knob (``alpha=0.5``; ``alpha=None``: rows without that knob).
 
         Returns:
-            One row per metric value with the columns of :data:`RESULT_COLUMNS`; an empty frame
-            with those columns if the database does not exist yet.
+            One row per metric value with the columns of :data:`LOADED_COLUMNS`, then one float
+            column per knob name found (NaN where a row lacks that knob); an empty frame with the
+            fixed columns if the database does not exist yet.
         """
-        return self._read("results", RESULT_COLUMNS, filters)
+        columns = {name: f"r.{name}" for name in LOADED_COLUMNS}
+        columns.update(base_method="u.base_method", splits_json="u.splits_json")
+        column_filters = {k: v for k, v in filters.items() if k in columns}
+        frame = self._read("results r LEFT JOIN runs u ON u.run_id = r.run_id", columns, column_filters)
+        return _filter_knobs(with_knob_columns(frame), {k: v for k, v in filters.items() if k not in columns})
 
     def export(self, out_path: str | os.PathLike, **filters: Any) -> Path:
         """Write (filtered) results to ``.csv`` or ``.jsonl`` (one JSON object per line).
@@ -577,11 +589,47 @@ class ResultsStore:
         return _write_frame(self.load(**filters), Path(out_path))
 
 
+def with_knob_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with one float column per knob name in its ``knobs_json`` (sorted by name)."""
+    parsed = [json.loads(text) if isinstance(text, str) else {} for text in frame["knobs_json"]]
+    names = sorted({name for knobs in parsed for name in knobs} - set(frame.columns))
+    extra = {name: pd.Series([knobs.get(name, np.nan) for knobs in parsed], index=frame.index, dtype="float64")
+             for name in names}
+    return frame.assign(**extra) if extra else frame
+
+
+def knob_names(frame: pd.DataFrame) -> list[str]:
+    """The knob columns of a loaded results frame (the columns after the fixed ones)."""
+    return [c for c in frame.columns if c not in LOADED_COLUMNS]
+
+
+def _filter_knobs(frame: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
+    """Keep the rows whose knobs match ``filters`` (None: the row lacks that knob).
+
+    Raises:
+        ValueError: for a filter that is neither a column nor a knob with numeric values.
+    """
+    for name, wanted in filters.items():
+        values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+        if not all(v is None or isinstance(_sql_value(v), (int, float)) for v in values):
+            raise ValueError(f"unknown filter column {name!r} (a knob filter needs numbers); valid columns: "
+                             f"{', '.join(LOADED_COLUMNS)}, or any knob name")
+        values = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
+        if wanted is None:
+            keep = values.isna()
+        elif isinstance(wanted, (list, tuple, set, frozenset)):
+            keep = values.isin([float(v) for v in wanted])
+        else:
+            keep = values == float(wanted)
+        frame = frame[keep.to_numpy()]
+    return frame
+
+
 def _prepare_row(row: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """Validate one ``log_rows`` row and complete it with defaults.
+    """Validate one caller row and complete it with defaults, its canonical knobs and its key.
 
     Args:
-        row: A caller-supplied row.
+        row: A caller-supplied row (``knobs`` and ``config`` as dicts).
         now: The timestamp to use when the row has no ``created_at``.
 
     Returns:
@@ -589,32 +637,34 @@ def _prepare_row(row: Mapping[str, Any], now: str) -> dict[str, Any]:
     """
     data = dict(row)
     if "config" in data:
-        if "config_json" in data:
+        if data.get("config_json") is not None:
             raise ValueError("give either 'config' or 'config_json', not both")
         data["config_json"] = data.pop("config")
-    unknown = sorted(set(data) - set(_WRITABLE_RESULT_COLUMNS))
+    knobs = knobs_json(data.pop("knobs", None))
+    unknown = sorted(set(data) - set(_CALLER_COLUMNS))
     if unknown:
-        raise ValueError(f"unknown column(s) {unknown}; valid columns: {', '.join(_WRITABLE_RESULT_COLUMNS)}")
+        raise ValueError(f"unknown column(s) {unknown}; valid columns: {', '.join(_CALLER_COLUMNS)}, knobs")
     missing = [name for name in ("run_id", "metric") if data.get(name) is None]
     if missing:
         raise ValueError(f"row is missing required column(s) {missing}: {row!r}")
+    data["kind"] = data.get("kind") or "final"
     data["config_json"] = _config_json(data.get("config_json"))
     data.setdefault("created_at", now)
+    data["knobs_json"] = knobs
+    data["row_key"] = row_key(data["kind"], data.get("split"), data["metric"], knobs, data.get("epoch"),
+                              data.get("step"))
     return {name: data.get(name) for name in _WRITABLE_RESULT_COLUMNS}
 
 
 def _insert_results(conn: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Insert complete result rows through ``conn`` (inside the caller's transaction).
-
-    Args:
-        conn: An open connection with a transaction in progress.
-        rows: Dicts holding every writable results column.
+    """Write complete result rows through ``conn`` (inside the caller's transaction); a row with the
+    key of an existing row of its run replaces it.
 
     Returns:
-        The number of rows inserted.
+        The number of rows written.
     """
     names = _WRITABLE_RESULT_COLUMNS
-    sql = f"INSERT INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    sql = f"INSERT OR REPLACE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
     conn.executemany(sql, [_row_values(row) for row in rows])
     return len(rows)
 
