@@ -1,9 +1,11 @@
 """Every training method resumes: a run interrupted after its first epoch's checkpoint and started
 again in the same folder ends exactly where an uninterrupted run ends (CPU, tiny model and data).
 
-The shared loop's resume is tested with a real SIGKILL in test_train.py; this test checks that each
-method's own state (DPS masks, R-Adapter EMA shadow, CRoFT generator, DRM soft labels, the LP-FT
-probe head, ...) survives the round trip through its checkpoint.
+The methods are the registered ones whose config embeds a ``TrainConfig`` (``method_trains`` in
+conftest.py), so a new trainable method is covered without editing this file. The shared loop's
+resume is tested with a real SIGKILL in test_train.py; this test checks that each method's own
+state (DPS masks, R-Adapter EMA shadow, CRoFT generator, DRM soft labels, the LP-FT probe head, ...)
+survives the round trip through its checkpoint.
 """
 
 import pytest
@@ -12,10 +14,10 @@ from safetensors.torch import load_file
 
 from rftlib.methods import run_method
 
+from .conftest import TINY_SCHEDULE, trained_methods
 from .helpers import tiny_clip
 
-TRAINED = ["finetune", "lpft", "flyp", "dps", "drm", "croft", "radapter"]
-SCHEDULE = {"epochs": 2, "batch_size": 32, "warmup_steps": 2}
+SCHEDULE = {**TINY_SCHEDULE, "epochs": 2}  # every key is a TrainConfig field, so every trained method takes it
 
 
 class Interrupted(Exception):
@@ -32,7 +34,7 @@ def _run(method, data, out, callbacks=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", TRAINED)
+@pytest.mark.parametrize("method", trained_methods())
 def test_interrupted_run_resumes_to_the_same_result(method, data, tmp_path):
     clean_steps, resumed_steps = [], []
     clean = _run(method, data, tmp_path / "clean", callbacks=[lambda e: clean_steps.append(e.kind == "step")])

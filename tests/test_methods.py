@@ -1,20 +1,27 @@
-"""Methods: the spec's checklist (WiSE-FT end points, FLYP loss, probe head) and end-to-end runs."""
+"""Methods: the spec's checklist (WiSE-FT end points, FLYP loss, probe head), the contract every registered
+method module declares, and an end-to-end run of every registered method."""
 
+import dataclasses
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from rftlib.methods import get_config, list_methods, run_method
+from rftlib.data import list_datasets
+from rftlib.methods import get_config, get_method, list_methods, run_method
+from rftlib.methods.common import config_options
 from rftlib.methods.flyp import contrastive_loss
 from rftlib.methods.wiseft import merge_state_dicts, output_ensemble
 from rftlib.registry import UnknownNameError
 from rftlib.results import load
 
+from .conftest import TINY_SCHEDULE, method_trains, tiny_overrides, trained_methods
 from .helpers import tiny_clip
 
-TINY = {"epochs": 1, "batch_size": 32, "warmup_steps": 2}
+TINY = TINY_SCHEDULE
 
 
 def test_merge_end_points_and_midpoint():
@@ -81,20 +88,67 @@ def test_probe_head_equals_sklearn_on_normalised_features(data, tmp_path):
     assert np.allclose(ours, ref.decision_function(x_test), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "finetune", "linear_probe", "lpft", "flyp"])
+@pytest.mark.parametrize("method", list_methods())
 def test_every_method_runs_and_records_results(method, data, tmp_path):
-    overrides = {} if method in ("zeroshot", "linear_probe") else dict(TINY)
-    if method == "linear_probe":
-        overrides = {"C_grid": [1.0, 10.0]}
-    result = run_method(method, data=data, clip=tiny_clip(), out_dir=tmp_path / "ckpt", overrides=overrides)
-    assert set(result.metrics) == {"id_val", "id_test", "val", "test"}
-    assert all(0.0 <= m["macro_f1"] <= 1.0 for m in result.metrics.values())
+    """Every registered method, end to end on tiny synthwild with a one-epoch schedule where its
+    config takes one (see ``tiny_overrides``), reports and records every ID/OOD split."""
+    result = run_method(method, data=data, clip=tiny_clip(), out_dir=tmp_path / "ckpt",
+                        overrides=tiny_overrides(method))
+    eval_splits = {name for name, split in data.splits.items() if split.role in ("id", "ood")}
+    assert (result.method, result.dataset) == (method, "synthwild")
+    assert eval_splits <= set(result.metrics) <= set(data.splits)  # CRoFT also reports its open-set split
+    assert all(0.0 <= result.metrics[s]["macro_f1"] <= 1.0 for s in eval_splits)
     rows = load(run_id=result.run_id)
-    assert {"id_test", "test"} <= set(rows.split) and set(rows.role) == {"id", "ood"}
+    assert eval_splits <= set(rows.split) and {"id", "ood"} <= set(rows.role)
     assert (rows.method == method).all() and (rows.dataset == "synthwild").all()
-    if method in ("finetune", "lpft", "flyp"):
+    if method_trains(method):
         assert result.checkpoint is not None and result.checkpoint.exists()
         assert rows.epoch.notna().any()  # per-epoch evaluations were recorded
+
+
+# ---------------------------------------------------------------------------------------------
+# The method contract (rftlib/methods/__init__.py): what every registered module declares
+# ---------------------------------------------------------------------------------------------
+def _accepts(config_cls, key: str) -> bool:
+    """``key`` is a flat override (``epochs``) or a dotted one into a nested config (``train.epochs``)."""
+    if key in config_options(config_cls):
+        return True
+    head, _, rest = key.partition(".")
+    nested = getattr(config_cls(), head, None) if rest else None
+    return dataclasses.is_dataclass(nested) and _accepts(type(nested), rest)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_registered_method_declares_the_contract(name):
+    module = get_method(name)
+    assert module.NAME == name
+    # a dataclass Config that builds with no arguments (every knob has a default)
+    assert dataclasses.is_dataclass(module.Config) and isinstance(module.Config, type)
+    missing = [f.name for f in dataclasses.fields(module.Config)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    assert not missing, f"{name}.Config fields without a default: {missing}"
+    module.Config()
+    # PRESETS: dataset name -> overrides the config accepts, and each preset resolves (validation runs)
+    assert isinstance(module.PRESETS, dict)
+    assert set(module.PRESETS) <= set(list_datasets()), f"unknown datasets in {name}.PRESETS"
+    for dataset, preset in module.PRESETS.items():
+        unknown = [key for key in preset if not _accepts(module.Config, key)]
+        assert not unknown, f"{name}.PRESETS[{dataset!r}] sets unknown options {unknown}"
+        get_config(name, dataset)
+    # run(ctx, cfg)
+    assert callable(module.run)
+    assert list(inspect.signature(module.run).parameters) == ["ctx", "cfg"]
+    # a module docstring citing the paper: a quoted title and a year
+    doc = module.__doc__ or ""
+    assert re.search(r'"[^"]{10,}"', doc) and re.search(r"\b(19|20)\d\d\b", doc), \
+        f"rftlib/methods/{name}.py's docstring must cite its paper (\"Title\", venue year)"
+
+
+def test_the_train_rule_sees_the_methods_that_train():
+    """The rule the smoke and resume tests derive from the configs (``method_trains``), checked on
+    two methods that exist today, so a renamed ``train`` field cannot silently empty the resume test."""
+    assert "finetune" in trained_methods() and "zeroshot" not in trained_methods()
+    assert tiny_overrides("finetune") == TINY_SCHEDULE and tiny_overrides("zeroshot") == {}
 
 
 def test_wiseft_sweeps_any_checkpoint(data, tmp_path):
@@ -114,7 +168,7 @@ def test_wiseft_sweeps_any_checkpoint(data, tmp_path):
 def test_wiseft_on_a_contrastive_checkpoint_rebuilds_the_head(data, tmp_path):
     fl = run_method("flyp", data=data, clip=tiny_clip(), out_dir=tmp_path / "fl", overrides=TINY)
     wise = run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(fl.checkpoint),
-                                                                          "alphas": [1.0], "report_alpha": 1.0})
+                                                                          "alphas": [1.0], "alpha": 1.0})
     assert wise.metrics["test"]["macro_f1"] == pytest.approx(fl.metrics["test"]["macro_f1"])
     out = run_method("wiseft", data=data, clip=tiny_clip(), overrides={
         "finetuned": str(fl.checkpoint), "alphas": [0.0, 1.0], "ensemble": "outputs"})
@@ -123,7 +177,7 @@ def test_wiseft_on_a_contrastive_checkpoint_rebuilds_the_head(data, tmp_path):
 
 def test_wiseft_forwards_the_schedule_to_its_base_run(data, tmp_path):
     wise = run_method("wiseft", data=data, clip=tiny_clip(), out_dir=tmp_path / "w",
-                      overrides={"epochs": 1, "batch_size": 32, "base_overrides": {"warmup_steps": 2},
+                      overrides={"base_overrides": {"epochs": 1, "batch_size": 32, "warmup_steps": 2},
                                  "alphas": [0.0, 1.0]})
     runs = load()
     base = runs[(runs.method == "finetune") & runs.epoch.notna()]
@@ -134,4 +188,5 @@ def test_wiseft_forwards_the_schedule_to_its_base_run(data, tmp_path):
     assert config["train"]["batch_size"] == 32 and config["train"]["warmup_steps"] == 2
     assert wise.checkpoint is not None and wise.checkpoint.exists()
     with pytest.raises(ValueError, match="nothing is trained"):
-        run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(wise.checkpoint), "epochs": 1})
+        run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(wise.checkpoint),
+                                                                      "base_overrides": {"epochs": 1}})

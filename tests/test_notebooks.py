@@ -1,5 +1,12 @@
-"""Notebooks: hygiene (stripped, python3 kernel, one literal parameters cell, thin code) and a
-headless papermill run of every notebook on its default parameters."""
+"""Notebooks: hygiene (stripped, python3 kernel, one literal parameters cell, thin code, a static
+figure), every registered method run by some notebook, and papermill's parameter injection.
+
+Each notebook is *executed* once per suite, by nbval (``--nbval-lax`` over ``notebooks/``, default
+parameters as stored; see pyproject.toml). Here papermill only prepares every notebook with injected
+parameters (``prepare_only``), and executes one: quickstart with injected values whose effect is
+checked in the results store. The other executions below test failure paths (a bad parameter, no
+data) and DRM on a fabricated iWildCam, which nbval's defaults do not reach.
+"""
 
 import ast
 from pathlib import Path
@@ -9,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = {"quickstart", "finetune", "wiseft", "flyp", "dps", "drm", "croft", "radapter", "compare"}
+REQUIRED = {"quickstart", "compare"}  # the tour and the comparison; method notebooks follow the registry
 HEAVY = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.While, ast.With, ast.Try, ast.Lambda)
 
 
@@ -17,8 +24,69 @@ def _code_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def test_every_expected_notebook_exists():
-    assert EXPECTED <= {p.stem for p in NOTEBOOKS}
+def _parameters(nb) -> dict:
+    """The parameters cell's defaults (literals, checked by the hygiene test)."""
+    return {s.target.id: ast.literal_eval(s.value) for s in ast.parse(_code_cells(nb)[0].source).body}
+
+
+def _is_call(node, owner: str, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == owner)
+
+
+def methods_run_by(nb) -> tuple[set[str], list[str]]:
+    """The method names a notebook passes to ``session.run(<method>, ...)``, and the calls whose method
+    cannot be read statically. The method is a string literal, a string parameter, or the variable of a
+    comprehension over a list parameter (finetune.ipynb: ``methods: list = ["finetune", ...]``)."""
+    params = _parameters(nb)
+    names, unresolved = set(), []
+    for cell in _code_cells(nb)[1:]:
+        tree = ast.parse(cell.source)
+        loops = {c.target.id: params.get(c.iter.id) for c in ast.walk(tree) if isinstance(c, ast.comprehension)
+                 and isinstance(c.target, ast.Name) and isinstance(c.iter, ast.Name)}
+        for node in ast.walk(tree):
+            if not _is_call(node, "session", "run"):
+                continue
+            arg = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "method"), None)
+            value = (arg.value if isinstance(arg, ast.Constant) else
+                     loops.get(arg.id, params.get(arg.id)) if isinstance(arg, ast.Name) else None)
+            if isinstance(value, str):
+                names.add(value)
+            elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                names.update(value)
+            else:
+                unresolved.append(ast.unparse(node))
+    return names, unresolved
+
+
+def test_methods_run_by_reads_literals_parameters_and_comprehensions():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('main: str = "flyp"  # c\nfamily: list = ["a", "b"]  # c\nknob: float = 0.5  # c'),
+        nbformat.v4.new_code_cell('x = session.run("zeroshot")\ny = session.run(main, alpha=knob)'),
+        nbformat.v4.new_code_cell('runs = {n: session.run(n) for n in family}\nz = session.run(method="wiseft")'),
+        nbformat.v4.new_code_cell('w = session.run(knob)\nother.run("not-a-method")'),
+    ])
+    assert methods_run_by(nb) == ({"zeroshot", "flyp", "a", "b", "wiseft"}, ["session.run(knob)"])
+
+
+def test_quickstart_and_compare_exist():
+    assert REQUIRED <= {p.stem for p in NOTEBOOKS}
+
+
+def test_every_registered_method_is_run_by_a_notebook():
+    """Rule: each name in ``list_methods()`` reaches ``session.run`` in some notebook (its own, or a
+    notebook that shows a family, like finetune.ipynb), and notebooks run registered methods only."""
+    from rftlib.methods import list_methods
+
+    run_by = {}
+    for path in NOTEBOOKS:
+        names, unresolved = methods_run_by(nbformat.read(path, as_version=4))
+        assert not unresolved, f"{path.name}: pass session.run a literal or a parameter: {unresolved}"
+        run_by[path.stem] = names
+    covered = set().union(*run_by.values())
+    registered = set(list_methods())
+    assert not registered - covered, f"registered methods no notebook runs: {sorted(registered - covered)}"
+    assert not covered - registered, f"notebooks run unregistered methods: {sorted(covered - registered)}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -44,6 +112,15 @@ def test_notebook_hygiene(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_leaves_a_static_figure(path):
+    """A code cell calls ``viz.show_static(...)``, so the stored/exported notebook keeps a figure
+    without a live kernel (nbval executes the cell; this checks that it is there)."""
+    nb = nbformat.read(path, as_version=4)
+    calls = [n for c in _code_cells(nb) for n in ast.walk(ast.parse(c.source)) if _is_call(n, "viz", "show_static")]
+    assert calls, "every notebook leaves at least one static figure (viz.show_static)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_papermill_sees_every_parameter_with_its_help(path):
     import papermill
 
@@ -56,6 +133,29 @@ def test_papermill_sees_every_parameter_with_its_help(path):
             "progress"} <= declared
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_injects_parameters_after_the_parameters_cell(path, tmp_path):
+    """Every parameter, injected without executing: its value lands in an ``injected-parameters``
+    cell right after the untouched parameters cell, and the rest of the notebook is unchanged."""
+    import papermill
+
+    nb = nbformat.read(path, as_version=4)
+    injected = {**_parameters(nb), "seed": 7, "progress": "off"}  # all round-trip, two differ from the defaults
+    out = tmp_path / f"{path.stem}-prepared.ipynb"
+    papermill.execute_notebook(str(path), str(out), parameters=injected, prepare_only=True, kernel_name="python3",
+                               progress_bar=False)
+    cells, original = _code_cells(nbformat.read(out, as_version=4)), _code_cells(nb)
+    assert "parameters" in cells[0].metadata.get("tags", []) and cells[0].source == original[0].source
+    assert "injected-parameters" in cells[1].metadata.get("tags", [])
+    values = {}
+    for stmt in ast.parse(cells[1].source).body:
+        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name), ast.dump(stmt)
+        values[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+    assert values == injected
+    assert [c.source for c in cells[2:]] == [c.source for c in original[1:]]
+    assert not [c for c in cells if c.outputs], "prepare_only must not execute anything"
+
+
 def _execute(path: Path, tmp_path: Path, **parameters):
     import papermill
 
@@ -65,15 +165,26 @@ def _execute(path: Path, tmp_path: Path, **parameters):
     return nbformat.read(out, as_version=4)
 
 
+def _failed_cells(nb):
+    return [c for c in _code_cells(nb) if any(o.output_type == "error" for o in c.outputs)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_headless_on_defaults(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("RFT_RESULTS_DB", str(tmp_path / "results.db"))
-    nb = _execute(path, tmp_path)
+def test_quickstart_runs_under_papermill_with_injected_parameters(tmp_path, monkeypatch):
+    """The one full papermill execution (nbval runs every notebook on its defaults): injected
+    ``seed`` and ``results_db`` reach the run, as the rows in the injected store show."""
+    from rftlib.results import load
+
+    monkeypatch.setenv("RFT_RESULTS_DB", str(tmp_path / "env.db"))
+    db = tmp_path / "injected.db"
+    nb = _execute(ROOT / "notebooks" / "quickstart.ipynb", tmp_path, seed=1, results_db=str(db), progress="off")
+    assert not _failed_cells(nb)
+    assert "injected-parameters" in _code_cells(nb)[1].metadata.get("tags", [])
     outputs = [o for c in _code_cells(nb) for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    static = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert static, "every notebook leaves at least one static figure"
+    assert [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})], "a static figure"
+    rows = load(db)
+    assert len(rows) and set(rows.method) == {"zeroshot"} and set(rows.seed) == {1}
+    assert not (tmp_path / "env.db").exists(), "results_db overrides $RFT_RESULTS_DB"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -89,10 +200,6 @@ def test_bad_parameters_fail_in_the_setup_cell(bad, message, tmp_path):
     out = nbformat.read(tmp_path / "wiseft-out.ipynb", as_version=4)
     failed = [c for c in _code_cells(out) if any(o.output_type == "error" for o in c.outputs)]
     assert len(failed) == 1 and "notebook.setup(" in failed[0].source
-
-
-def _failed_cells(nb):
-    return [c for c in _code_cells(nb) if any(o.output_type == "error" for o in c.outputs)]
 
 
 def test_without_data_a_notebook_stops_in_its_first_data_cell(tmp_path):
