@@ -32,3 +32,16 @@ def test_readme_library_example_names_exist():
         assert hasattr(rftlib.models, name)
     assert hasattr(rftlib.data, "get_dataset") and hasattr(rftlib.data.pipeline, "ImageSpec")
     assert hasattr(rftlib.evaluate, "evaluate")
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The "Using rftlib from Python" block runs as written (tiny synthwild; a temporary runs folder)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using rftlib from Python", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    monkeypatch.setenv("RFT_RUNS_DIR", str(tmp_path))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert set(result.metrics) == {"id_val", "id_test", "val", "test"}
+    assert sorted(result.extra["sweep"].alpha.unique()) == [0, 0.25, 0.5, 0.75, 1]
