@@ -138,12 +138,83 @@ def test_log_metrics_fills_fields_from_the_run_registry(store):
     assert frame["pretrained"].tolist() == ["openai", "openai"]
     assert frame["seed"].tolist() == [3, 3]
     assert frame["model"].tolist() == ["ViT-B-32", "override"]
-    assert json.loads(frame["config_json"].iloc[0]) == {"lr": 3e-5}
+    assert json.loads(frame["config_json"].iloc[0]) == {"lr": 3e-5}  # the run's, joined: rows hold no copy
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT COUNT(config_json) FROM results").fetchone() == (0,)
 
     assert store.runs()["status"].tolist() == ["running"]
     store.finish_run(run_id, status="failed")
     run = store.runs(run_id=run_id).iloc[0]
     assert run["status"] == "failed" and pd.notna(run["finished_at"])
+
+
+def test_the_config_is_stored_once_per_run(store):
+    config = {"blob": "x" * 1_000_000, "lr": 1e-5}  # a 1 MB config
+    store.start_run("big", method="m", dataset="d", config=config)
+    for epoch in range(10):
+        store.log_metrics("big", {f"m{i}": 0.1 * i for i in range(5)}, split="test", kind="epoch", epoch=epoch)
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("VACUUM")
+        size = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+        assert conn.execute("SELECT COUNT(*), COUNT(config_json) FROM results").fetchone() == (50, 0)
+    assert size < 2_000_000  # was 51 MB: every row repeated the config
+    frame = store.load()
+    assert len(frame) == 50 and (frame["config_json"] == json.dumps(config, sort_keys=True)).all()
+
+
+def test_a_rows_own_config_is_kept_only_when_it_is_not_its_runs(store):
+    store.start_run("reg", method="m", dataset="d", config={"lr": 1})
+    store.log_metrics("reg", {"same": 1.0}, split="test", config={"lr": 1})  # equal to the run's: not copied
+    store.log_metrics("reg", {"other": 1.0}, split="test", config={"lr": 2})  # differs: kept
+    store.log_rows([{"run_id": "ad-hoc", "metric": "m", "value": 1.0, "config": {"lr": 3}},  # no run: kept
+                    {"run_id": "reg", "metric": "bulk", "value": 1.0, "config": {"lr": 1}}])
+    with sqlite3.connect(store.path) as conn:
+        stored = dict(conn.execute("SELECT metric, config_json FROM results").fetchall())
+    assert stored == {"same": None, "other": '{"lr": 2}', "m": '{"lr": 3}', "bulk": None}
+    loaded = dict(zip(store.load()["metric"], store.load()["config_json"], strict=True))
+    assert loaded == {"same": '{"lr": 1}', "other": '{"lr": 2}', "m": '{"lr": 3}', "bulk": '{"lr": 1}'}
+
+
+def test_rows_logged_under_an_earlier_config_keep_it_when_the_run_is_re_registered(store):
+    store.start_run("r", method="m", dataset="d", config={"lr": 1})
+    store.log_metrics("r", {"acc": 0.5}, split="test", kind="epoch", epoch=0)
+    store.start_run("r", method="m", dataset="d", config={"lr": 2})  # e.g. resumed with an explicit override
+    store.log_metrics("r", {"acc": 0.6}, split="test", kind="epoch", epoch=1)
+    frame = store.load()
+    assert frame["config_json"].tolist() == ['{"lr": 1}', '{"lr": 2}']
+    store.start_run("r", method="m", dataset="d", config={"lr": 2})  # the same config again: nothing to keep
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT config_json FROM results ORDER BY id").fetchall() == [('{"lr": 1}',), (None,)]
+
+
+def test_values_of_every_legitimate_type_are_accepted(store):
+    import torch
+
+    store.log_metrics("r", {"f32": np.float32(0.5), "i": 3, "i64": np.int64(4), "nan": float("nan"),
+                            "inf": np.inf, "none": None, "tensor": torch.tensor(0.25)}, split="test",
+                      epoch=np.int32(1), step=torch.tensor(2), seed=0, method=np.str_("m"))
+    frame = store.load().set_index("metric")
+    assert frame.loc["f32", "value"] == 0.5 and frame.loc["i64", "value"] == 4.0
+    assert np.isnan(frame.loc["nan", "value"]) and np.isinf(frame.loc["inf", "value"])
+    assert np.isnan(frame.loc["none", "value"])  # None was accepted before, and still is
+    assert frame.loc["tensor", "value"] == 0.25 and frame.loc["tensor", "step"] == 2
+    assert frame["epoch"].tolist() == [1] * 7 and frame["method"].tolist() == ["m"] * 7
+    store.log_rows([{"run_id": "t", "metric": "m", "value": 1.0, "created_at": "2024-05-01T12:00:00+02:00"}])
+    assert store.load(run_id="t")["created_at"].iloc[0] == pd.Timestamp("2024-05-01T10:00:00Z")
+
+
+def test_a_value_of_the_wrong_type_is_refused_before_anything_is_written(store):
+    store.log_metrics("r", {"acc": 0.5}, split="test")
+    with pytest.raises(ValueError, match=r"column 'epoch' must be an integer or None, got 'two' \(str\) "
+                                         r"\(in the row of metric 'acc', run 'r'\); nothing was written"):
+        store.log_metrics("r", {"acc": 0.5}, split="test", epoch="two")
+    with pytest.raises(ValueError, match="column 'value' must be a real number.*metric 'f1'"):
+        store.log_metrics("r", {"acc": 0.5, "f1": "0.3"}, split="test", step=1)
+    with pytest.raises(ValueError, match="column 'seed' must be an integer.*registering run 's'"):
+        store.start_run("s", method="m", dataset="d", seed="zero")
+    frame = store.load()
+    assert frame["metric"].tolist() == ["acc"] and frame["step"].isna().all()
+    assert store.runs().empty
 
 
 def test_finish_run_rejects_unknown_runs_and_statuses(store):

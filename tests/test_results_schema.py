@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from rftlib import results
-from rftlib.results import ResultsStore, compare
+from rftlib.results import ResultsStore, StoreError, compare
 from rftlib.results.compare import half_width
 from rftlib.results.schema import SCHEMA_VERSION
 
@@ -84,8 +84,11 @@ def test_a_store_from_a_newer_rftlib_is_refused(tmp_path):
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         conn.execute("CREATE TABLE results (id INTEGER)")
-    with pytest.raises(RuntimeError, match="newer than this rftlib"):
-        ResultsStore(path).log_metrics("r", {"m": 1.0}, split="test")
+    before = path.read_bytes()
+    for action in (lambda s: s.log_metrics("r", {"m": 1.0}, split="test"), lambda s: s.load()):
+        with pytest.raises(StoreError, match=r"future\.db has schema version 3, newer than this rftlib"):
+            action(ResultsStore(path))
+    assert path.read_bytes() == before  # not even its journal mode was changed
 
 
 def test_logging_is_idempotent_and_knobs_are_open(tmp_path):
@@ -107,13 +110,15 @@ def test_logging_is_idempotent_and_knobs_are_open(tmp_path):
 
 
 def _log(store: ResultsStore, run: str, method: str, seed: int, values: dict, *, kind="final", knobs=None,
-         model="ViT-B-16", base=None, splits=SPLITS):
+         model="ViT-B-16", base=None, splits=SPLITS, status="done"):
     if run not in set(store.runs()["run_id"]):
         store.start_run(run, method=method, dataset="d", model=model, pretrained="openai", seed=seed,
                         base_method=base, splits=splits)
     for split, value in values.items():
         store.log_metrics(run, {"macro_f1": value, "accuracy": 1 - value}, split=split,
                           role=SPLITS[split]["role"], kind=kind, knobs=knobs)
+    if status != "running":
+        store.finish_run(run, status=status)
 
 
 def test_knobs_are_chosen_on_id_validation_never_on_test(tmp_path):
@@ -159,7 +164,50 @@ def test_the_ood_axis_is_each_splits_headline_metric_averaged_over_shifts(tmp_pa
     for split, value in {"id_test": 0.68, "sketch": 0.48, "rendition": 0.78}.items():
         role = splits[split]["role"]
         store.log_metrics("zs", {"accuracy": value, "macro_f1": 0.0}, split=split, role=role)
+    store.finish_run("zs")
     found = compare(store.load())
     row = found.table.iloc[0]
     assert (row["id_mean"], row["ood_mean"]) == (pytest.approx(0.68), pytest.approx(0.63))
     assert found.axes == {"id": "ID accuracy (id_test)", "ood": "OOD accuracy (mean of 2 splits)"}
+
+
+def test_unfinished_runs_are_left_out_of_the_comparison(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    values = {"id_val": 0.5, "id_test": 0.5, "test": 0.5}
+    _log(store, "done", "finetune", 0, values)
+    _log(store, "killed", "finetune", 0, {k: 0.9 for k in values}, status="running")  # same seed, never finished
+    _log(store, "failed", "finetune", 1, {k: 0.1 for k in values}, status="failed")
+    _log(store, "wise-running", "wiseft", 0, values, status="running")  # its only run: no entry at all
+    store.log_rows([{"run_id": "ad-hoc", "method": "zeroshot", "dataset": "d", "split": split, "role": role,
+                     "metric": "macro_f1", "value": 0.3, "seed": 0}
+                    for split, role in (("id_test", "id"), ("test", "ood"))])  # no registered run: counts
+    frame = store.load()
+    statuses = dict(zip(frame["run_id"], frame["status"], strict=True))  # load() joins each row's run status
+    assert pd.isna(statuses.pop("ad-hoc"))
+    assert statuses == {"done": "done", "killed": "running", "failed": "failed", "wise-running": "running"}
+    table = compare(frame).table.set_index("method")
+    assert set(table.index) == {"finetune", "zeroshot"}
+    row = table.loc["finetune"]
+    assert (row["n_seeds"], row["id_mean"], row["ood_mean"]) == (1, pytest.approx(0.5), pytest.approx(0.5))
+    assert table.loc["zeroshot", "id_mean"] == pytest.approx(0.3)
+    store.finish_run("killed")  # resumed and finished: now it counts
+    assert compare(store.load()).table.set_index("method").loc["finetune", "id_mean"] == pytest.approx(0.7)
+
+
+def test_migration_stores_each_runs_config_once_and_loses_none(v1_store):
+    with sqlite3.connect(v1_store) as conn:
+        per_row = dict(conn.execute("SELECT id, config_json FROM results").fetchall())
+        run_of = dict(conn.execute("SELECT id, run_id FROM results").fetchall())
+        # two twists the fixture lacks: a row whose config differs from its run's, a run with no config
+        odd_id, bare_run = min(per_row), run_of[max(per_row)]
+        conn.execute("UPDATE results SET config_json = '{\"odd\": 1}' WHERE id = ?", (odd_id,))
+        conn.execute("UPDATE runs SET config_json = NULL WHERE run_id = ?", (bare_run,))
+    per_row[odd_id] = '{"odd": 1}'
+    ResultsStore(v1_store).log_metrics("new-run", {"accuracy": 1.0}, split="test")  # migrates
+    with sqlite3.connect(v1_store) as conn:
+        kept = dict(conn.execute("SELECT id, config_json FROM results WHERE config_json IS NOT NULL").fetchall())
+        run_configs = dict(conn.execute("SELECT run_id, config_json FROM runs").fetchall())
+    assert kept == {odd_id: '{"odd": 1}'}  # only the row that differs from its run keeps a copy
+    assert run_configs[bare_run] is not None  # the run took its rows' config
+    loaded = results.load(v1_store).set_index("id")["config_json"]
+    assert {row_id: loaded[row_id] for row_id in per_row} == per_row  # every row still reads its config

@@ -356,6 +356,7 @@ def log_run(store: ResultsStore, method: str, seed: int, id_value: float, ood_va
     for split, value in (("id_val", val), ("id_test", id_value), ("test", ood_value)):
         store.log_metrics(run, {"macro_f1": value, "accuracy": 0.99}, split=split,
                           role=SPLIT_FACTS[split]["role"], **logged)
+    store.finish_run(run)  # only finished runs are compared
 
 
 @pytest.fixture
@@ -371,6 +372,7 @@ def results_frame(tmp_path) -> pd.DataFrame:
                     val=0.7 - abs(a - 0.5), base="finetune", kind="sweep", knobs={"alpha": a})
     store.start_run("other", method="finetune", dataset="iwildcam", seed=0)
     store.log_metrics("other", {"macro_f1": 0.1}, split="id_test", role="id")
+    store.finish_run("other")
     return store.load()
 
 

@@ -3,6 +3,9 @@ validation, seeds aggregated with a confidence interval.
 
 The rules, in the order they are applied to a frame from :func:`rftlib.results.load`:
 
+0. **Which runs.** Only finished ones: rows of a run whose ``status`` is ``running`` (still going,
+   or killed and never resumed) or ``failed`` are left out, so an interrupted run is never
+   averaged with finished ones. Rows logged ad hoc, without a registered run (no status), count.
 1. **Which numbers.** Each split is read in its own headline metric (iWildCam macro-F1, FMoW
    worst-region accuracy on its OOD test, ImageNet top-1), as the run recorded it
    (``splits_json``); stores from the first release fall back to ``macro_f1``, else ``accuracy``.
@@ -70,11 +73,25 @@ def compare(results: pd.DataFrame, *, dataset: str | None = None, metric: str | 
         metric: read every split in this metric instead of its headline one.
         confidence: the confidence level of the interval over seeds.
     """
-    rows = single_dataset(results, dataset)
+    rows = single_dataset(finished_runs(results), dataset)
     points = headline_points(rows, metric=metric)
     chosen = choose_knobs(points)
     table = summarise(chosen, confidence)
     return Comparison(table=table, curves=knob_curves(points), axes=axis_names(rows, metric))
+
+
+def finished_runs(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of runs whose status is ``done``, and of unregistered runs (no status); a frame
+    without a ``status`` column (not from :func:`rftlib.results.load`) is kept whole."""
+    if "status" not in results:
+        return results
+    status = results["status"]
+    keep = (status.isna() | (status == "done")).to_numpy()
+    left_out = sorted(set(results.loc[~keep, "run_id"].astype(str)))
+    if left_out:
+        log.info("left out %d unfinished run(s) (status running or failed): %s", len(left_out),
+                 ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""))
+    return results[keep]
 
 
 def single_dataset(results: pd.DataFrame, dataset: str | None) -> pd.DataFrame:

@@ -7,9 +7,18 @@ Version 2 (this one) keeps the store *open*: a method's knobs (WiSE-FT's ``alpha
 the same run twice (a resumed or re-run command) replaces the row instead of duplicating it.
 Runs are content-addressed (:mod:`rftlib.runs`), so a re-run computes the same rows.
 
+A run's configuration is stored once, in ``runs.config_json``; a result row carries its own
+``config_json`` only when it differs from its run's (or the run is not registered), and loading
+joins the two.
+
 Version 1 (the first release, ``PRAGMA user_version = 0``) had four fixed knob columns and no
-kinds. :func:`migrate` rewrites such a store in one transaction without dropping a row; the kind
-of each old row is inferred (see :func:`legacy_kind`).
+kinds, and repeated the run's config on every row. :func:`migrate` rewrites such a store in one
+transaction without dropping a row; the kind of each old row is inferred (see :func:`legacy_kind`).
+
+Which files are stores (:func:`version`): a file with no tables (a new or 0-byte file), or one with
+a ``results`` table holding the columns :data:`STORE_MARKER_COLUMNS`. Anything else (another
+application's SQLite database) is refused with :class:`SchemaError`, before anything is written,
+and so is a store whose ``user_version`` is newer than :data:`SCHEMA_VERSION`.
 """
 
 from __future__ import annotations
@@ -71,6 +80,14 @@ each dataset's headline numbers without loading the dataset."""
 LEGACY_KNOBS = ("alpha", "mask_ratio", "beta", "scale")
 """The fixed knob columns of version 1."""
 
+STORE_MARKER_COLUMNS = ("run_id", "metric", "value")
+"""The columns a ``results`` table must have for the file to be taken as a results store (any version)."""
+
+
+class SchemaError(ValueError):
+    """The file is not a results store this rftlib can use: another application's database, or a
+    store from a newer rftlib. The store layer adds the file's path and what to do."""
+
 
 def create_statements() -> tuple[str, ...]:
     """The ``CREATE ... IF NOT EXISTS`` statements; idempotent, so racing processes may both run them."""
@@ -99,6 +116,36 @@ def knobs_json(knobs: Mapping[str, Any] | None) -> str:
     return json.dumps(clean, sort_keys=True)
 
 
+def typed_value(column: str, declaration: str, value: Any) -> Any:
+    """``value`` as the plain python type its column declares, or an error naming the column.
+
+    TEXT columns take strings, INTEGER columns integers (not bools, not floats, however round),
+    REAL columns real numbers (not bools; NaN and infinities are legitimate metric values, e.g. a
+    macro-F1 over no samples); every column takes None. Numpy and torch scalars are unwrapped.
+
+    Raises:
+        ValueError: ``column 'epoch' must be an integer or None, got 'two' (str)``.
+    """
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, TypeError, RuntimeError):
+            pass  # a non-scalar array or tensor: refused below, by its type
+    if value is None:
+        return None
+    kind = declaration.split()[0]
+    if kind == "TEXT" and isinstance(value, str):
+        return str(value)
+    if kind == "INTEGER" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind == "REAL" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    wanted = {"TEXT": "a string", "INTEGER": "an integer", "REAL": "a real number"}[kind]
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"column {column!r} must be {wanted} or None, got {shown} ({type(value).__name__})")
+
+
 def row_key(kind: str, split: str | None, metric: str, knobs: str, epoch: Any, step: Any) -> str:
     """What makes a row unique within its run: its kind, split, metric, knobs, epoch and step."""
     if kind not in ROW_KINDS:
@@ -107,20 +154,37 @@ def row_key(kind: str, split: str | None, metric: str, knobs: str, epoch: Any, s
 
 
 def version(conn: sqlite3.Connection) -> int:
-    """The store's schema version: 2 for this one, 1 for a first-release store, 0 for an empty file."""
+    """The store's schema version: 2 for this one, 1 for a first-release store, 0 for a file with no
+    tables yet (new or 0 bytes). Reads only.
+
+    Raises:
+        SchemaError: for a file that is not a results store (tables, but no ``results`` table with
+            the columns :data:`STORE_MARKER_COLUMNS`), or a store newer than this rftlib.
+    """
     declared = conn.execute("PRAGMA user_version").fetchone()[0]
-    if declared:
-        return declared
-    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return 1 if "results" in tables else 0
+    tables = sorted(name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"))
+    if not tables:
+        return 0
+    if declared > SCHEMA_VERSION:
+        raise SchemaError(f"has schema version {declared}, newer than this rftlib's {SCHEMA_VERSION}; "
+                          "upgrade rftlib to read or write it")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    if not set(STORE_MARKER_COLUMNS) <= columns:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise SchemaError(f"is not an rftlib results store (another application's database? its tables: {shown}; "
+                          f"no 'results' table with the columns {', '.join(STORE_MARKER_COLUMNS)}); "
+                          "nothing was written to it")
+    return declared or 1
 
 
 def upgrade(conn: sqlite3.Connection) -> None:
-    """Bring the store behind ``conn`` (inside the caller's write transaction) to this version."""
+    """Bring the store behind ``conn`` (inside the caller's write transaction) to this version.
+
+    Raises:
+        SchemaError: see :func:`version`; nothing is changed then.
+    """
     found = version(conn)
-    if found > SCHEMA_VERSION:
-        raise RuntimeError(f"this results store has schema version {found}, newer than this rftlib's "
-                           f"{SCHEMA_VERSION}; upgrade rftlib to read or write it")
     if found == 1:
         migrate(conn)
     for statement in create_statements():
@@ -134,7 +198,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     Each old row keeps its id, values and timestamps; its knob columns become ``knobs_json``, its
     kind is inferred by :func:`legacy_kind`, and its ``row_key`` is ``legacy:<id>`` so no two old
     rows can collide. Runs gain ``base_method`` (from the config's ``base_method`` when the run
-    trained one) and an empty ``splits_json`` (comparisons then fall back to naming rules).
+    trained one) and an empty ``splits_json`` (comparisons then fall back to naming rules). The
+    config each row repeated is stored once, on its run (:func:`store_configs_once`).
     """
     old = [dict(zip([c[0] for c in cursor.description], row)) for cursor in [conn.execute(
         "SELECT * FROM results ORDER BY id")] for row in cursor.fetchall()]
@@ -154,6 +219,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                      [[r[c] for c in names] for r in rows])
     conn.execute("DROP TABLE results_v1")
     _migrate_runs(conn)
+    store_configs_once(conn)
     return len(rows)
 
 
@@ -169,6 +235,21 @@ def _migrate_runs(conn: sqlite3.Connection) -> None:
         base = _config_base_method(config)
         if base is not None:
             conn.execute("UPDATE runs SET base_method = ? WHERE run_id = ?", (base, run_id))
+
+
+def store_configs_once(conn: sqlite3.Connection) -> None:
+    """Keep each run's config once, in ``runs``, instead of on every result row.
+
+    A registered run without a config takes the config of its oldest row that has one; then every
+    row whose config equals its run's drops its copy (loading joins it back). A row whose config
+    differs from its run's keeps it, and so do the rows of unregistered runs: nothing is lost.
+    """
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone():
+        return
+    conn.execute("UPDATE runs SET config_json = (SELECT r.config_json FROM results r WHERE r.run_id = runs.run_id "
+                 "AND r.config_json IS NOT NULL ORDER BY r.id LIMIT 1) WHERE config_json IS NULL")
+    conn.execute("UPDATE results SET config_json = NULL WHERE config_json = "
+                 "(SELECT u.config_json FROM runs u WHERE u.run_id = results.run_id)")
 
 
 def _config_base_method(config: str | None) -> str | None:

@@ -15,6 +15,14 @@ How that is achieved:
   for the rare "database is locked" that slips through.
 * **A fresh connection per operation**, so a store object can be pickled into worker processes and
   no connection outlives a ``fork``.
+* **Read-only media**: reading a WAL store needs its ``-shm`` file, which cannot be created in a
+  read-only folder; there the store is opened read-only and immutable (a left-over ``-wal`` of
+  unfinished checkpoints is read through a temporary copy, so no committed row is missed).
+* **Nothing wrong goes in**: every column is checked against its declared type before the
+  transaction starts (:func:`~rftlib.results.schema.typed_value`); one bad row refuses its whole
+  batch, so ``load()`` cannot be broken through this API. A file that is not a store (another
+  application's database, random bytes, a damaged or truncated store, a newer rftlib's store)
+  raises :class:`StoreError`, naming the file and what to do, and is never written to.
 
 The ``results`` table is *tidy*: one row per metric value, with the things you group and filter by
 (run, method, dataset, split, metric, epoch, seed) as real columns, the row's ``kind`` (``final``,
@@ -24,8 +32,10 @@ into one column per knob. A plot is then one ``load(...)`` plus a pandas ``pivot
 idempotent: a row is unique per (run, kind, split, metric, knobs, epoch, step), so a resumed or
 re-run command replaces its rows instead of duplicating them. The ``runs`` table registers each
 run once (``start_run``/``finish_run``) so that crashed runs can be told apart from finished ones,
-so that ``log_metrics`` can fill in a run's method, dataset, model and config without the caller
-repeating them, and so that a comparison knows each split's headline metric.
+so that ``log_metrics`` can fill in a run's method, dataset, model and seed without the caller
+repeating them, and so that a comparison knows each split's headline metric. The run's config is
+stored there once (a result row holds a config only when it differs from its run's, or has no
+registered run); :meth:`ResultsStore.load` joins it back, with the run's ``status``.
 
 The schema is versioned (:mod:`rftlib.results.schema`); a store written by an older release is
 migrated on its first write, and read through an in-memory migrated copy until then.
@@ -37,12 +47,12 @@ explicit ``path`` argument says otherwise (explicit > env var > default).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,10 +60,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import pandas as pd
 
-from .schema import RESULT_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION, knobs_json, row_key, upgrade, version
+from .rows import (
+    LOADED_COLUMNS,
+    WRITABLE_RESULT_COLUMNS,
+    checked_run,
+    config_json,
+    empty_frame,
+    filter_knobs,
+    prepare_row,
+    row_values,
+    sql_value,
+    typed_frame,
+    utc_now,
+    with_knob_columns,
+)
+from .schema import (
+    RESULT_COLUMNS,
+    RUN_COLUMNS,
+    SCHEMA_VERSION,
+    SchemaError,
+    typed_value,
+    upgrade,
+    version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +97,15 @@ LOCK_RETRIES = 5
 RUN_STATUSES = ("running", "done", "failed")
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 
-# results columns a caller may set (id is assigned by SQLite; knobs_json and row_key are derived)
-_WRITABLE_RESULT_COLUMNS = tuple(c for c in RESULT_COLUMNS if c != "id")
-_CALLER_COLUMNS = tuple(c for c in _WRITABLE_RESULT_COLUMNS if c not in ("knobs_json", "row_key"))
-# run fields that log_metrics inherits from the runs table when the caller leaves them out
-_INHERITED_FIELDS = ("method", "dataset", "model", "pretrained", "seed", "config_json")
-_DATETIME_COLUMNS = ("created_at", "finished_at")
-LOADED_COLUMNS: dict[str, str] = {
-    **{k: v for k, v in RESULT_COLUMNS.items() if k != "row_key"}, "base_method": "TEXT", "splits_json": "TEXT"}
-"""The columns :meth:`ResultsStore.load` returns before the knob columns: the results table's
-(without the internal ``row_key``) plus the run's ``base_method`` and ``splits_json``."""
+# run fields that log_metrics inherits from the runs table when the caller leaves them out (the
+# config is not copied: it stays on the run, and load() joins it)
+_INHERITED_FIELDS = ("method", "dataset", "model", "pretrained", "seed")
+_ELSEWHERE = f"use another file (pass path= or set ${ENV_VAR})"
+
+
+class StoreError(ValueError):
+    """A results store file that cannot be read or written as it is; the message names the file,
+    what is wrong and what to do (move it aside, or use another file)."""
 
 
 def runs_dir() -> Path:
@@ -113,28 +143,45 @@ def resolve_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path).expanduser().absolute() if path is not None else default_path()
 
 
-def _utc_now() -> str:
-    """The current UTC time as ISO-8601 with microseconds, e.g. ``2024-05-01T12:00:00.123456+00:00``."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _config_json(config: Any) -> str | None:
-    """Serialise a config for the ``config_json`` column (strings are assumed to be JSON already).
-
-    Args:
-        config: A dict or dataclass (or any JSON-able value), a JSON string, or None.
-
-    Returns:
-        Canonical JSON (sorted keys, unknown objects via ``str``) or None.
-    """
-    if config is None or isinstance(config, str):
-        return config
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    return json.dumps(config, sort_keys=True, default=str)
 
 
-def _is_lock_error(error: sqlite3.OperationalError) -> bool:
+def _folder_writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (SQLite's ``-wal``/``-shm`` next to the store);
+    False on read-only media, a read-only mount or a folder without write permission."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _explain(path: Path, doing: str, error: BaseException) -> str:
+    """The :class:`StoreError` message for ``error``, raised while ``doing`` (``read``/``write``)
+    the store at ``path``: what went wrong, in SQLite's words, and what to do about it."""
+    if isinstance(error, SchemaError):
+        return f"results store {path} {error}. To go on, {_ELSEWHERE}"
+    message = str(error)
+    lower = message.lower()
+    if path.is_dir():
+        return f"results store {path} is a folder, not a file. To go on, {_ELSEWHERE}"
+    if isinstance(error, OSError):
+        return f"cannot {doing} results store {path}: {message}. To go on, {_ELSEWHERE}"
+    if "not a database" in lower or "malformed" in lower or "corrupt" in lower:
+        return (f"results store {path} is damaged or not a SQLite file ({message}). Move it aside "
+                f"(mv '{path}' '{path}.broken'; the next write starts a new store) or {_ELSEWHERE}; "
+                f"`sqlite3 '{path}' .recover` may rescue its rows")
+    if "readonly" in lower or "read-only" in lower or ("unable to open" in lower and doing == "write"):
+        return (f"cannot write results store {path} ({message}): the file or its folder is read-only "
+                f"(reading it still works). To record results, {_ELSEWHERE}")
+    if "unable to open" in lower:
+        return f"cannot open results store {path} ({message}): is it a file you may read? Or {_ELSEWHERE}"
+    if "is full" in lower:
+        return f"cannot write results store {path} ({message}): free disk space there, or {_ELSEWHERE}"
+    if _is_lock_error(error):
+        return (f"results store {path} stayed locked by another process ({message}); retry when the other "
+                f"writer is done, or {_ELSEWHERE}")
+    return f"cannot {doing} results store {path} ({type(error).__name__}: {message}). To go on, {_ELSEWHERE}"
+
+
+def _is_lock_error(error: BaseException) -> bool:
     """True for the transient "database is locked/busy" errors worth retrying."""
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -165,36 +212,14 @@ def _with_lock_retries(operation: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _empty_frame(columns: Mapping[str, str]) -> pd.DataFrame:
-    """A zero-row frame with the given table columns, typed like a loaded one."""
-    return _typed_frame(pd.DataFrame({name: pd.Series([], dtype=object) for name in columns}), columns)
 
 
-def _typed_frame(frame: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFrame:
-    """Give loaded columns stable dtypes whatever the rows (or lack of them) contain.
 
-    REAL columns become float64, INTEGER columns nullable ``Int64``, the timestamps tz-aware UTC
-    datetimes (microsecond unit), and TEXT columns pandas' default ``str`` dtype (missing = NaN).
 
-    Args:
-        frame: The raw frame from SQLite.
-        columns: The table's column declarations.
 
-    Returns:
-        A new frame with converted columns.
-    """
-    converted = {}
-    for name, decl in columns.items():
-        series = frame[name]
-        if name in _DATETIME_COLUMNS:
-            converted[name] = pd.to_datetime(series, utc=True, format="ISO8601").dt.as_unit("us")
-        elif decl.startswith("REAL"):
-            converted[name] = pd.to_numeric(series).astype("float64")
-        elif decl.startswith("INTEGER"):
-            converted[name] = pd.to_numeric(series).astype("Int64")
-        else:
-            converted[name] = series.astype("str")
-    return pd.DataFrame(converted, index=frame.index)
+
+
+
 
 
 def _where_clause(filters: Mapping[str, Any], allowed: Mapping[str, str]) -> tuple[str, list[Any]]:
@@ -224,16 +249,13 @@ def _where_clause(filters: Mapping[str, Any], allowed: Mapping[str, str]) -> tup
         elif isinstance(value, (list, tuple, set, frozenset)):
             values = list(value)
             clauses.append(f"{name} IN ({', '.join('?' * len(values))})" if values else "0")
-            params.extend(_sql_value(v) for v in values)
+            params.extend(sql_value(v) for v in values)
         else:
             clauses.append(f"{name} = ?")
-            params.append(_sql_value(value))
+            params.append(sql_value(value))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-def _sql_value(value: Any) -> Any:
-    """Unwrap numpy/torch scalars (anything with ``.item()``) into plain python values for sqlite3."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 class ResultsStore:
@@ -276,17 +298,42 @@ class ResultsStore:
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
+    def _open_for_reading(self) -> sqlite3.Connection:
+        """A connection to read the file: the usual one, or, where the folder is read-only (no
+        ``-shm`` can be created there), a read-only immutable one; if a ``-wal`` with commits not
+        yet checkpointed lies next to it, an in-memory copy of the store with those commits."""
+        if _folder_writable(self.path.parent):
+            return self._open()
+        wal = Path(f"{self.path}-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            return _snapshot(self.path, wal)
+        return sqlite3.connect(f"{self.path.as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+    @contextmanager
+    def _named_errors(self, doing: str) -> Iterator[None]:
+        """Turn what a damaged, foreign or unreachable file raises into a :class:`StoreError` that
+        names the file and what to do."""
+        try:
+            yield
+        except (SchemaError, sqlite3.DatabaseError, OSError) as error:
+            raise StoreError(_explain(self.path, doing, error)) from error
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """Yield a connection inside ``BEGIN IMMEDIATE``; commit on success, roll back on error.
 
         ``IMMEDIATE`` takes the write lock up front, so two writers queue on ``busy_timeout``
         instead of deadlocking on a read-to-write lock upgrade. The schema is (re)created inside
-        the transaction, which makes the first write to a fresh file race-free.
+        the transaction, which makes the first write to a fresh file race-free. A file that is not
+        a store is refused before anything (not even its journal mode) is changed.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not _folder_writable(self.path.parent):
+            raise StoreError(f"cannot write results store {self.path}: its folder is read-only (reading the "
+                             f"store still works). To record results, {_ELSEWHERE}")
         conn = self._open()
         try:
+            version(conn)  # reads only: refuses another application's database, or a newer store
             conn.execute("PRAGMA journal_mode = WAL")  # persistent; a no-op once set
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -310,13 +357,19 @@ class ResultsStore:
             with self._transaction() as conn:
                 return work(conn)
 
-        return _with_lock_retries(attempt, what)
+        with self._named_errors("write"):
+            return _with_lock_retries(attempt, what)
 
     def _read_connection(self) -> sqlite3.Connection:
         """A connection to read from: the file itself, or, for a store an older release wrote (not
         migrated until its first write), an in-memory copy migrated to this schema."""
-        conn = self._open()
-        if version(conn) in (0, SCHEMA_VERSION):
+        conn = self._open_for_reading()
+        try:
+            found = version(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if found in (0, SCHEMA_VERSION):
             return conn
         try:
             memory = sqlite3.connect(":memory:", isolation_level=None)
@@ -334,7 +387,7 @@ class ResultsStore:
         declared = {name: {**RESULT_COLUMNS, **RUN_COLUMNS, **LOADED_COLUMNS}[name] for name in columns}
         where, params = _where_clause(filters, columns)
         if not self.path.exists():
-            return _empty_frame(declared)
+            return empty_frame(declared)
         order = columns["id"] if "id" in columns else columns["created_at"]
         sql = f"SELECT {', '.join(columns.values())} FROM {source}{where} ORDER BY {order}"
 
@@ -345,14 +398,18 @@ class ResultsStore:
             finally:
                 conn.close()
 
-        try:
-            records = _with_lock_retries(attempt, f"load {source}")
-        except sqlite3.OperationalError as error:
-            if "no such table" not in str(error):
-                raise
-            return _empty_frame(declared)
+        with self._named_errors("read"):
+            try:
+                records = _with_lock_retries(attempt, f"load {source}")
+            except sqlite3.OperationalError as error:
+                if "no such table" not in str(error):
+                    raise
+                return empty_frame(declared)
         frame = pd.DataFrame.from_records(records, columns=list(columns), coerce_float=False)
-        return _typed_frame(frame.astype(object), declared)
+        try:
+            return typed_frame(frame.astype(object), declared)
+        except ValueError as error:
+            raise StoreError(f"results store {self.path}: {error} (e.g. with `sqlite3 '{self.path}'`)") from error
 
     # ------------------------------------------------------------------ runs
     @staticmethod
@@ -381,7 +438,8 @@ class ResultsStore:
         splits: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """Register a run with status ``running`` (re-registering an id resets it to ``running`` and
-        keeps its rows: they are replaced one by one as the run logs them again).
+        keeps its rows: they are replaced one by one as the run logs them again; if the config
+        changed, the rows logged so far keep the old one).
 
         Args:
             run_id: The run's id.
@@ -390,16 +448,16 @@ class ResultsStore:
             model: Model architecture, e.g. ``"ViT-B-32"``.
             pretrained: Pre-trained weights tag, e.g. ``"openai"``.
             seed: Random seed.
-            config: The full run configuration; stored as canonical JSON.
+            config: The full run configuration; stored once, as canonical JSON.
             base_method: The method of the run this one builds on (WiSE-FT over ``"flyp"``).
             splits: Each evaluated split's facts, ``{split: {"role", "metric", "use"}}``
                 (:meth:`rftlib.data.base.RFTDataset.split_facts`).
         """
-        row = {
+        row = checked_run({
             "run_id": run_id, "method": method, "base_method": base_method, "dataset": dataset, "model": model,
-            "pretrained": pretrained, "seed": seed, "config_json": _config_json(config),
-            "splits_json": _config_json(splits), "status": "running", "created_at": _utc_now(), "finished_at": None,
-        }
+            "pretrained": pretrained, "seed": seed, "config_json": config_json(config),
+            "splits_json": config_json(splits), "status": "running", "created_at": utc_now(), "finished_at": None,
+        })
         names = ", ".join(row)
         kept = ("run_id", "created_at")  # a restarted run keeps its first creation time
         updates = ", ".join(f"{name} = excluded.{name}" for name in row if name not in kept)
@@ -407,12 +465,22 @@ class ResultsStore:
             f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(row))}) "
             f"ON CONFLICT(run_id) DO UPDATE SET {updates}"
         )
-        params = [_sql_value(v) for v in row.values()]
-        self._write(f"start_run {run_id}", lambda conn: conn.execute(sql, params))
+        params = [sql_value(v) for v in row.values()]
+
+        def work(conn: sqlite3.Connection) -> None:
+            found = conn.execute("SELECT config_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if found and found[0] is not None and found[0] != row["config_json"]:
+                # re-registered with another config: the rows logged so far keep the one they were made under
+                conn.execute("UPDATE results SET config_json = ? WHERE run_id = ? AND config_json IS NULL",
+                             (found[0], run_id))
+            conn.execute(sql, params)
+
+        self._write(f"start_run {run_id}", work)
         logger.debug("started run %s", run_id)
 
     def set_base_method(self, run_id: str, base_method: str | None) -> None:
         """Record the method of the run that ``run_id`` builds on (known once the base is chosen)."""
+        base_method = typed_value("base_method", RUN_COLUMNS["base_method"], base_method)
         sql = "UPDATE runs SET base_method = ? WHERE run_id = ?"
         self._write(f"set_base_method {run_id}", lambda conn: conn.execute(sql, (base_method, run_id)))
 
@@ -431,7 +499,7 @@ class ResultsStore:
             raise ValueError(f"unknown status {status!r}; valid: {', '.join(RUN_STATUSES)}")
         sql = "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?"
         updated = self._write(
-            f"finish_run {run_id}", lambda conn: conn.execute(sql, (status, _utc_now(), run_id)).rowcount
+            f"finish_run {run_id}", lambda conn: conn.execute(sql, (status, utc_now(), run_id)).rowcount
         )
         if updated == 0:
             raise KeyError(f"run {run_id!r} was never registered with start_run")
@@ -488,8 +556,9 @@ class ResultsStore:
         """Write one row per metric, all in one transaction, replacing the run's earlier rows with
         the same kind, split, metric, knobs, epoch and step.
 
-        Fields left as None (method, dataset, model, pretrained, seed, config) are inherited from
-        the run's :meth:`start_run` registration when there is one.
+        Fields left as None (method, dataset, model, pretrained, seed) are inherited from the run's
+        :meth:`start_run` registration when there is one; so is its config, which stays on the run
+        (:meth:`load` joins it).
 
         Args:
             run_id: The run the numbers belong to.
@@ -504,18 +573,23 @@ class ResultsStore:
             epoch: Training epoch.
             step: Optimisation step.
             seed: Random seed.
-            config: Extra configuration, stored as canonical JSON.
+            config: The configuration these numbers were measured under, when it is not the run's
+                own (the run's config is never copied onto its rows).
 
         Returns:
             The number of rows written (``len(metrics)``).
+
+        Raises:
+            ValueError: naming the column, the value and the metric of the first value of a wrong
+                type (a string for ``value``, a float for ``epoch``, ...); nothing is written then.
         """
         shared = {
             "run_id": run_id, "method": method, "dataset": dataset, "model": model, "pretrained": pretrained,
             "split": split, "role": role, "kind": kind, "knobs": knobs, "epoch": epoch, "step": step, "seed": seed,
             "config": config,
         }
-        now = _utc_now()
-        rows = [_prepare_row({**shared, "metric": name, "value": value}, now) for name, value in metrics.items()]
+        now = utc_now()
+        rows = [prepare_row({**shared, "metric": name, "value": value}, now) for name, value in metrics.items()]
 
         def work(conn: sqlite3.Connection) -> int:
             inherited = self._run_fields(conn, run_id)
@@ -523,7 +597,7 @@ class ResultsStore:
                 for name in _INHERITED_FIELDS:
                     if row[name] is None:
                         row[name] = inherited.get(name)
-            return _insert_results(conn, rows)
+            return _insert_results(conn, _without_run_configs(conn, rows))
 
         return self._write(f"log_metrics {run_id}", work) or 0
 
@@ -540,19 +614,23 @@ class ResultsStore:
         Each row maps column names (see :data:`RESULT_COLUMNS`; ``knobs`` is a dict of knob values,
         ``config`` a dict alias of ``config_json``) to values; ``run_id`` and ``metric`` are
         required, ``kind`` defaults to ``final``, ``created_at`` to now, and missing columns are
-        NULL. No run-registry fill-in happens here.
+        NULL. No run-registry fill-in happens here; a row's config is kept only when it differs
+        from its registered run's (ad-hoc rows of unregistered runs keep theirs).
 
         Returns:
             The number of rows written.
 
         Raises:
-            ValueError: If a row has unknown keys, lacks ``run_id``/``metric``, or has a bad kind or knob.
+            ValueError: If a row has unknown keys, lacks ``run_id``/``metric``, or has a bad kind, knob
+                or a value of the wrong type for its column (named with the row's metric); one bad
+                row writes nothing of the batch.
         """
-        now = _utc_now()
-        prepared = [_prepare_row(row, now) for row in rows]
+        now = utc_now()
+        prepared = [prepare_row(row, now) for row in rows]
         if not prepared:
             return 0
-        return self._write(f"log_rows ({len(prepared)} rows)", lambda conn: _insert_results(conn, prepared)) or 0
+        return self._write(f"log_rows ({len(prepared)} rows)",
+                           lambda conn: _insert_results(conn, _without_run_configs(conn, prepared))) or 0
 
     def load(self, **filters: Any) -> pd.DataFrame:
         """Read results as a tidy DataFrame, in insertion order.
@@ -566,12 +644,16 @@ class ResultsStore:
             One row per metric value with the columns of :data:`LOADED_COLUMNS`, then one float
             column per knob name found (NaN where a row lacks that knob); an empty frame with the
             fixed columns if the database does not exist yet.
+
+        Raises:
+            StoreError: if the file is not a results store or is damaged (naming it and the fix).
         """
         columns = {name: f"r.{name}" for name in LOADED_COLUMNS}
-        columns.update(base_method="u.base_method", splits_json="u.splits_json")
+        columns.update(config_json="COALESCE(r.config_json, u.config_json)", base_method="u.base_method",
+                       splits_json="u.splits_json", status="u.status")
         column_filters = {k: v for k, v in filters.items() if k in columns}
         frame = self._read("results r LEFT JOIN runs u ON u.run_id = r.run_id", columns, column_filters)
-        return _filter_knobs(with_knob_columns(frame), {k: v for k, v in filters.items() if k not in columns})
+        return filter_knobs(with_knob_columns(frame), {k: v for k, v in filters.items() if k not in columns})
 
     def export(self, out_path: str | os.PathLike, **filters: Any) -> Path:
         """Write (filtered) results to ``.csv`` or ``.jsonl`` (one JSON object per line).
@@ -589,71 +671,29 @@ class ResultsStore:
         return _write_frame(self.load(**filters), Path(out_path))
 
 
-def with_knob_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with one float column per knob name in its ``knobs_json`` (sorted by name)."""
-    parsed = [json.loads(text) if isinstance(text, str) else {} for text in frame["knobs_json"]]
-    names = sorted({name for knobs in parsed for name in knobs} - set(frame.columns))
-    extra = {name: pd.Series([knobs.get(name, np.nan) for knobs in parsed], index=frame.index, dtype="float64")
-             for name in names}
-    return frame.assign(**extra) if extra else frame
 
 
-def knob_names(frame: pd.DataFrame) -> list[str]:
-    """The knob columns of a loaded results frame (the columns after the fixed ones)."""
-    return [c for c in frame.columns if c not in LOADED_COLUMNS]
 
 
-def _filter_knobs(frame: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
-    """Keep the rows whose knobs match ``filters`` (None: the row lacks that knob).
-
-    Raises:
-        ValueError: for a filter that is neither a column nor a knob with numeric values.
-    """
-    for name, wanted in filters.items():
-        values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
-        if not all(v is None or isinstance(_sql_value(v), (int, float)) for v in values):
-            raise ValueError(f"unknown filter column {name!r} (a knob filter needs numbers); valid columns: "
-                             f"{', '.join(LOADED_COLUMNS)}, or any knob name")
-        values = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
-        if wanted is None:
-            keep = values.isna()
-        elif isinstance(wanted, (list, tuple, set, frozenset)):
-            keep = values.isin([float(v) for v in wanted])
-        else:
-            keep = values == float(wanted)
-        frame = frame[keep.to_numpy()]
-    return frame
 
 
-def _prepare_row(row: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """Validate one caller row and complete it with defaults, its canonical knobs and its key.
 
-    Args:
-        row: A caller-supplied row (``knobs`` and ``config`` as dicts).
-        now: The timestamp to use when the row has no ``created_at``.
 
-    Returns:
-        A dict with every writable results column.
-    """
-    data = dict(row)
-    if "config" in data:
-        if data.get("config_json") is not None:
-            raise ValueError("give either 'config' or 'config_json', not both")
-        data["config_json"] = data.pop("config")
-    knobs = knobs_json(data.pop("knobs", None))
-    unknown = sorted(set(data) - set(_CALLER_COLUMNS))
-    if unknown:
-        raise ValueError(f"unknown column(s) {unknown}; valid columns: {', '.join(_CALLER_COLUMNS)}, knobs")
-    missing = [name for name in ("run_id", "metric") if data.get(name) is None]
-    if missing:
-        raise ValueError(f"row is missing required column(s) {missing}: {row!r}")
-    data["kind"] = data.get("kind") or "final"
-    data["config_json"] = _config_json(data.get("config_json"))
-    data.setdefault("created_at", now)
-    data["knobs_json"] = knobs
-    data["row_key"] = row_key(data["kind"], data.get("split"), data["metric"], knobs, data.get("epoch"),
-                              data.get("step"))
-    return {name: data.get(name) for name in _WRITABLE_RESULT_COLUMNS}
+
+
+
+
+def _without_run_configs(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows``, where a row's config equals its registered run's, without that copy (the run keeps
+    it once; :meth:`ResultsStore.load` joins it back). Runs inside the caller's transaction."""
+    run_ids = sorted({row["run_id"] for row in rows if row["config_json"] is not None})
+    if not run_ids:
+        return rows
+    found = conn.execute(f"SELECT run_id, config_json FROM runs WHERE run_id IN ({', '.join('?' * len(run_ids))})",
+                         run_ids)
+    configs = dict(found.fetchall())
+    return [{**row, "config_json": None} if row["config_json"] is not None and configs.get(row["run_id"]) ==
+            row["config_json"] else row for row in rows]
 
 
 def _insert_results(conn: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> int:
@@ -663,18 +703,29 @@ def _insert_results(conn: sqlite3.Connection, rows: Sequence[Mapping[str, Any]])
     Returns:
         The number of rows written.
     """
-    names = _WRITABLE_RESULT_COLUMNS
+    names = WRITABLE_RESULT_COLUMNS
     sql = f"INSERT OR REPLACE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-    conn.executemany(sql, [_row_values(row) for row in rows])
+    conn.executemany(sql, [row_values(row) for row in rows])
     return len(rows)
 
 
-def _row_values(row: Mapping[str, Any]) -> list[Any]:
-    """The SQL parameters of one result row, in column order, with ``value`` coerced to float."""
-    values = {name: _sql_value(row.get(name)) for name in _WRITABLE_RESULT_COLUMNS}
-    if values["value"] is not None:
-        values["value"] = float(values["value"])
-    return list(values.values())
+
+
+def _snapshot(path: Path, wal: Path) -> sqlite3.Connection:
+    """An in-memory copy of the store at ``path`` with the commits in its ``-wal`` (for a read-only
+    folder, where SQLite cannot open the WAL in place): both files are copied to a temporary
+    folder, opened there (which replays the WAL), and backed up into memory."""
+    with tempfile.TemporaryDirectory(prefix="rft-store-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        shutil.copyfile(wal, Path(f"{copy}-wal"))
+        source = sqlite3.connect(copy, isolation_level=None)
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            source.backup(memory)
+        finally:
+            source.close()
+    return memory
 
 
 def _write_frame(frame: pd.DataFrame, out_path: Path) -> Path:
