@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import json
 import pickle
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rftlib.models import (
     load_clip,
     save_checkpoint,
 )
+from rftlib.models.loading import WeightsRefusedError
 from rftlib.registry import UnknownNameError
 
 from .helpers import tiny_clip
@@ -105,6 +107,29 @@ def test_checkpoint_mismatch_names_the_field(tiny, tmp_path):
         load_checkpoint(path, architecture="ViT-B-16")
     with pytest.raises(ValueError, match="architecture 'rft-tiny'"):
         load_clip("synthclip", str(path))
+
+
+def test_integer_buffers_are_recorded_in_the_sidecar_and_load(tiny, tmp_path):
+    state = {**classifier_state(tiny), "visual.bn.num_batches_tracked": torch.tensor(7), "extra.count": torch.tensor(3)}
+    path = save_checkpoint(tmp_path / "bn", state, clip=tiny)
+    loaded, sidecar = load_checkpoint(path)
+    assert sidecar["non_float_keys"] == ["extra.count", "visual.bn.num_batches_tracked"]
+    assert loaded["extra.count"].dtype == torch.int64
+    # a sidecar written before the record: BatchNorm's counter passes, any other integer tensor is refused
+    side = path.with_suffix(".json")
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "non_float_keys"}))
+    with pytest.raises(WeightsRefusedError, match="'extra.count' is int64 where the model has floating-point"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, allow_dtype_cast=True)[0]["extra.count"].item() == 3
+
+
+def test_half_precision_weights_load_as_float32(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.half() for k, v in tiny.model.state_dict().items()}, str(tmp_path / "half.safetensors"))
+    clip = load_clip("rft-tiny", str(tmp_path / "half.safetensors"))
+    assert clip.model.logit_scale.dtype == torch.float32
+    assert torch.allclose(clip.model.logit_scale, tiny.model.logit_scale.half().float())
 
 
 def test_local_pt_state_dict_with_ddp_prefix(tiny, tmp_path):

@@ -20,11 +20,23 @@ the model must *not* know; their labels are -1); any other split name is treated
 Class names default to the class folder names with ``_`` replaced by spaces, the templates to
 ``["a photo of a {}."]``. Metrics: accuracy, macro-F1 and macro recall, plus per-domain and
 worst-domain accuracy when the split's metadata has a ``domain`` column.
+
+What is refused, with the folder or file named (never silently turned into data):
+
+* a split, domain or class folder without images: a class is a sub-folder with at least one image
+  file (a split may simply lack a class's folder; an empty folder is a mistake, e.g. a failed
+  copy, and would add a class no image belongs to);
+* a split, domain or class *folder* whose name is not valid UTF-8 (such names become split and
+  class names in prompts and in the results store; rename the folder). Image *file* names may be
+  any bytes: they are opened, decoded and cached as they are;
+* a CSV that is empty, has a header but no rows, lacks one of the columns ``path,label,split``, or
+  has ``label``/``split`` values that are not UTF-8 (paths may hold any bytes, as file names).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -61,6 +73,39 @@ def _check_root(root: Path | None, kind: str, layout: str) -> Path:
     except OSError as err:
         raise DataNotFoundError(f"cannot read {root}: {err}") from err
     return root
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` for a message: bytes that are not UTF-8 shown as ``\\xNN`` (printable anywhere)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no undecodable bytes (the surrogates ``os.fsdecode`` uses for them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def named_subfolders(folder: Path, what: str) -> list[Path]:
+    """The visible sub-folders of ``folder``, sorted, each to be a ``what`` (split, domain, class).
+
+    Raises:
+        ValueError: a sub-folder's name is not valid UTF-8 (it would become a split or class name);
+            the message names the folder and shows the name's bytes.
+    """
+    subfolders = class_folders(folder)
+    bad = [d.name for d in subfolders if not is_utf8(d.name)]
+    if bad:
+        shown = ", ".join(repr(os.fsencode(name)) for name in bad)
+        raise ValueError(
+            f"{what} folder name(s) {shown} in {display_path(folder)} are not valid UTF-8; {what} folder names "
+            f"become {what} names (prompts, results, file names), so rename them to UTF-8 "
+            "(image file names may be any bytes)"
+        )
+    return subfolders
 
 
 def _templates(templates: Sequence[str] | str | None) -> list[str]:
@@ -118,9 +163,11 @@ def scan_domains(root: Path) -> dict[str, dict[str, list[str]]]:
 
     Raises:
         ValueError: fewer than two domains, domains with different class folders (the message
-            names the classes each domain lacks), or a domain/class without images.
+            names the classes each domain lacks), a domain/class without images, or a domain or
+            class folder whose name is not valid UTF-8.
     """
-    domains = {d.name: {c.name: list_images(c) for c in class_folders(d)} for d in class_folders(root)}
+    domains = {d.name: {c.name: list_images(c) for c in named_subfolders(d, "class")}
+               for d in named_subfolders(root, "domain")}
     if len(domains) < 2:
         raise ValueError(f"{root} has {len(domains)} domain folder(s); leave-one-domain-out needs at least 2")
     all_classes = sorted(set().union(*domains.values()))
@@ -131,7 +178,8 @@ def scan_domains(root: Path) -> dict[str, dict[str, list[str]]]:
         raise ValueError(f"domains under {root} disagree on the class folders: {detail}")
     empty = [f"{d}/{c}" for d, classes in domains.items() for c, paths in classes.items() if not paths]
     if empty:
-        raise ValueError(f"class folders without images under {root}: {empty}")
+        raise ValueError(f"class folders without images under {root}: {empty}; a class is a sub-folder with at "
+                         "least one image file: add images or delete the empty folders")
     return domains
 
 
@@ -307,32 +355,45 @@ def load_folder(
     if csv is not None:
         return _load_csv(_csv_path(csv, root), classnames, templates, split_roles)
     root = _check_root(root, "folder", FOLDER_LAYOUT)
-    split_dirs = class_folders(root)
+    split_dirs = named_subfolders(root, "split")
     if not split_dirs:
-        raise ValueError(f"{root} has no split folders; expected:\n{FOLDER_LAYOUT}")
+        raise ValueError(f"{display_path(root)} has no split folders; expected:\n{FOLDER_LAYOUT}")
     names = [d.name for d in split_dirs]
     _check_split_roles(split_roles, names)
     roles = {n: split_role(n, split_roles) for n in names}
+    tree = {d: {c: list_images(c) for c in named_subfolders(d, "class")} for d in split_dirs}
+    _refuse_empty_class_folders(root, tree)
     known = [d for d in split_dirs if roles[d.name] != "openset"]
-    folder_names = sorted({c.name for d in known for c in class_folders(d)})
+    folder_names = sorted({c.name for d in known for c in tree[d]})
     if not folder_names:
-        raise ValueError(f"no class folders found in the splits under {root}")
+        raise ValueError(f"no class folders found in the splits under {display_path(root)}")
     label_of = {c: i for i, c in enumerate(folder_names)}
-    splits = {d.name: _folder_split(d, roles[d.name], label_of) for d in split_dirs}
+    splits = {d.name: _folder_split(d, roles[d.name], tree[d], label_of) for d in split_dirs}
     return _dataset("folder", root, _display_names(folder_names, classnames), templates, splits)
 
 
-def _folder_split(split_dir: Path, role: str, label_of: Mapping[str, int]) -> Split:
+def _refuse_empty_class_folders(root: Path, tree: Mapping[Path, Mapping[Path, list[str]]]) -> None:
+    """Refuse class folders without image files (they would silently become classes)."""
+    empty = [f"{d.name}/{c.name}" for d, classes in tree.items() for c, images in classes.items() if not images]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise ValueError(
+            f"class folder(s) without image files under {display_path(root)}: {shown}. Classes come from "
+            "sub-folders with at least one image (a split may simply lack a class's folder): add images or "
+            "delete the empty folders"
+        )
+
+
+def _folder_split(split_dir: Path, role: str, classes: Mapping[Path, list[str]], label_of: Mapping[str, int]) -> Split:
     """One split folder; open-set splits get label -1 and keep their class folder in the metadata."""
     paths, labels, folders = [], [], []
-    for class_dir in class_folders(split_dir):
-        images = list_images(class_dir)
+    for class_dir, images in classes.items():
         label = OPENSET_LABEL if role == "openset" else label_of[class_dir.name]
         paths += images
         labels += [label] * len(images)
         folders += [class_dir.name] * len(images)
     if not paths:
-        raise ValueError(f"split {split_dir.name!r} is empty: no images in {split_dir}/<class>/")
+        raise ValueError(f"split {split_dir.name!r} is empty: no images in {display_path(split_dir)}/<class>/")
     meta = pd.DataFrame({"class_folder": folders})
     return Split(split_dir.name, role, FileImages(tuple(paths)), np.asarray(labels, dtype=np.int64), meta)
 
@@ -350,14 +411,7 @@ def _load_csv(
     path: Path, classnames: Sequence[str] | None, templates: Sequence[str] | str | None,
     split_roles: Mapping[str, str] | None,
 ) -> RFTDataset:
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise DataNotFoundError(f"cannot read CSV {path}: {err}") from err
-    missing = [c for c in CSV_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"CSV {path} lacks column(s) {missing}; it has {list(table.columns)} "
-                         f"(needed: {', '.join(CSV_COLUMNS)})")
+    table = _read_csv_table(path)
     if table[list(CSV_COLUMNS)].isna().any().any():
         bad_rows = table.index[table[list(CSV_COLUMNS)].isna().any(axis=1)].tolist()
         raise ValueError(f"CSV {path} has empty path/label/split values in row(s) {bad_rows[:10]}")
@@ -375,6 +429,35 @@ def _load_csv(
         images = FileImages(tuple(table["path"].to_numpy()[rows]))
         splits[name] = Split(name, roles[name], images, labels[rows], meta)
     return _dataset("folder", path.parent, names_in_order, templates, splits, csv=str(path))
+
+
+CSV_HEADER_HINT = ("the first line must be the header path,label,split (+ optional metadata columns), "
+                   "then one row per image")
+
+
+def _read_csv_table(path: Path) -> pd.DataFrame:
+    """The CSV's rows, checked for a header with the needed columns, at least one row, and UTF-8
+    labels and split names (paths keep undecodable bytes as they are, like file names)."""
+    shown = display_path(path)
+    try:
+        table = pd.read_csv(path, encoding_errors="surrogateescape")
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"CSV {shown} is empty; {CSV_HEADER_HINT}") from err
+    except (OSError, ValueError) as err:
+        raise DataNotFoundError(f"cannot read CSV {shown}: {err}") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in CSV_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"CSV {shown} lacks column(s) {missing}; it has {list(table.columns)[:10]}; "
+                         f"{CSV_HEADER_HINT}")
+    if table.empty:
+        raise ValueError(f"CSV {shown} has a header but no rows; {CSV_HEADER_HINT}")
+    for column in ("label", "split"):
+        bad = [i for i, v in enumerate(table[column]) if isinstance(v, str) and not is_utf8(v)]
+        if bad:
+            raise ValueError(f"CSV {shown}: column {column!r} is not valid UTF-8 in row(s) {bad[:10]} "
+                             "(0 = first row after the header); save the CSV as UTF-8")
+    return table
 
 
 def _csv_labels(

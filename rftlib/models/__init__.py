@@ -15,11 +15,20 @@ from .heads import (
     class_prompts,
     encode_class_prompts,
 )
-from .loading import PROJECT_MODELS, ClipModel, WeightsUnavailableError, get_tokenizer, list_models, load_clip
-from .sidecar import CheckpointMismatchError, check_sidecar, read_sidecar
+from .loading import (
+    PROJECT_MODELS,
+    ClipModel,
+    WeightsRefusedError,
+    WeightsUnavailableError,
+    get_tokenizer,
+    list_models,
+    load_clip,
+)
+from .sidecar import CheckpointMismatchError, CorruptCheckpointError, check_sidecar, read_sidecar
 
 __all__ = [
-    "CheckpointMismatchError", "ClipModel", "ImageClassifier", "PROJECT_MODELS", "WeightsUnavailableError",
+    "CheckpointMismatchError", "ClipModel", "CorruptCheckpointError", "ImageClassifier", "PROJECT_MODELS",
+    "WeightsRefusedError", "WeightsUnavailableError",
     "ZeroShotHead", "build_image_classifier", "build_zeroshot_head", "check_sidecar", "class_prompts",
     "classifier_state", "encode_class_prompts", "export_open_clip_weights", "get_tokenizer", "list_models",
     "load_checkpoint", "load_classifier", "load_clip", "read_sidecar", "save_checkpoint",

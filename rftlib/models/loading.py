@@ -11,6 +11,13 @@
   ``{"state_dict": ...}`` wrappers are handled; ``torch.load`` runs with ``weights_only=True`` so
   pickled modules are refused), or an rftlib checkpoint (its JSON sidecar supplies the
   architecture and QuickGELU flag, and is checked against ``model``).
+
+Every weights file rftlib loads (here, and :func:`rftlib.models.load_checkpoint` /
+:func:`~rftlib.models.load_classifier`) goes through :func:`check_weights` once: integer or boolean
+tensors where the model has floating-point parameters, and NaN/inf values, are refused with the
+file and the first offending tensor named (``allow_dtype_cast=True`` / ``allow_nonfinite=True`` admit
+them on purpose). Half-precision files are fine: float to float is not a cast that loses meaning.
+An empty or truncated file is a :class:`~rftlib.models.sidecar.CorruptCheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
-from .sidecar import find_sidecar
+from .sidecar import CorruptCheckpointError, damaged_checkpoint_hint, find_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,12 @@ WEIGHTS_DIR = PACKAGE_DIR / "weights"
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be obtained (offline, unknown tag, or missing file)."""
+
+
+class WeightsRefusedError(ValueError):
+    """A weights file holds values rftlib does not load silently (integer/boolean tensors for
+    floating-point parameters, NaN or inf); the message names the file, the first such tensor and
+    the keyword that admits it."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +176,8 @@ def _check_architecture(name: str) -> dict:
 
 def load_clip(
     model: str = "synthclip", pretrained: str | os.PathLike | None = "synthclip", *,
-    device: str | torch.device = "cpu", force_quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu", force_quick_gelu: bool | None = None, allow_dtype_cast: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ClipModel:
     """Build a CLIP and load its weights.
 
@@ -176,9 +190,16 @@ def load_clip(
         device: where the model lives.
         force_quick_gelu: override the QuickGELU choice (defaults: the config's, the checkpoint
             sidecar's, or open_clip's rule for the tag).
+        allow_dtype_cast: load a local file whose tensors for floating-point parameters are integer
+            or boolean (cast to float); by default that is refused.
+        allow_nonfinite: load a local file with NaN/inf values; by default that is refused.
 
     Returns:
         A :class:`ClipModel` in eval mode.
+
+    Raises:
+        WeightsRefusedError: a local file with non-float tensors or non-finite values (see above).
+        CorruptCheckpointError: a local file that is empty or truncated.
     """
     import open_clip
 
@@ -200,7 +221,10 @@ def load_clip(
     if tag == "openai":
         quick_gelu = True  # open_clip forces QuickGELU for OpenAI weights loaded by tag
     if isinstance(source, Path):
-        net.load_state_dict(_read_clip_state(source), strict=True)
+        state = _read_clip_state(source)
+        check_weights(state, source, reference=net.state_dict(), allow_dtype_cast=allow_dtype_cast,
+                      allow_nonfinite=allow_nonfinite)
+        net.load_state_dict(state, strict=True)
         net.to(device)
     net.eval()
     pp = getattr(net.visual, "preprocess_cfg", {}) or {}
@@ -287,15 +311,14 @@ def _check_sidecar_architecture(sidecar: dict, model: str, path: Path) -> None:
 def _read_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """A CLIP state dict from a local file, without ever unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = read_safetensors(path)
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises several unpickling error types
             raise WeightsUnavailableError(
-                f"{path} is not a plain tensor state dict (rftlib never unpickles objects): {err}"
+                f"{path} is not a readable plain tensor state dict (truncated or damaged, or pickled "
+                f"objects, which rftlib never unpickles): {err}"
             ) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -303,3 +326,80 @@ def _read_clip_state(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsUnavailableError(f"{path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("head.")}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file.
+
+    Raises:
+        CorruptCheckpointError: the file is empty, truncated or not a safetensors file (the
+            message names it and what to do).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        what = "empty" if path.stat().st_size == 0 else f"truncated or not a safetensors file ({err})"
+        hint = damaged_checkpoint_hint(path) if sidecar_path(path).exists() else "restore or download it again"
+        raise CorruptCheckpointError(f"weights file {path} is {what}; {hint}") from err
+
+
+def check_weights(
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+    reference: Mapping[str, torch.Tensor] | None = None, non_float_keys: Collection[str] = (),
+    allow_dtype_cast: bool = False, allow_nonfinite: bool = False,
+) -> None:
+    """Refuse weights a model should not be given silently.
+
+    Two rules, each with a keyword that lifts it:
+
+    * a tensor that will fill a floating-point parameter must be floating point (any precision);
+      integer or boolean values there mean a wrong or damaged file, not weights
+      (``allow_dtype_cast=True``: they are cast, as ``load_state_dict`` does);
+    * every floating-point value must be finite: NaN/inf weights evaluate to chance or worse and
+      the run would be reported as if it were normal (``allow_nonfinite=True``).
+
+    Args:
+        state: the tensors read from ``path``.
+        path: the file, for the messages.
+        reference: the receiving model's state dict: the keys whose tensors there are floating must
+            be floating here. ``None``: every key except ``non_float_keys`` must be.
+        non_float_keys: keys allowed to hold integer/boolean tensors when there is no ``reference``
+            (an rftlib checkpoint's sidecar lists them, e.g. BatchNorm's ``num_batches_tracked``).
+        allow_dtype_cast, allow_nonfinite: lift the rules above.
+
+    Raises:
+        WeightsRefusedError: naming ``path``, the first offending tensor, how many there are, and
+            the keyword that admits them.
+    """
+    if not allow_dtype_cast:
+        if reference is not None:
+            want_float = {k for k, v in reference.items() if v.is_floating_point()}
+            cast = [k for k, v in state.items() if k in want_float and not v.is_floating_point()]
+        else:
+            allowed = set(non_float_keys)
+            cast = [k for k, v in state.items() if not v.is_floating_point() and k not in allowed]
+        if cast:
+            first = state[cast[0]]
+            raise WeightsRefusedError(
+                f"{path}: tensor {cast[0]!r} is {str(first.dtype).removeprefix('torch.')} where the model has "
+                f"floating-point weights{_and_more(cast)}; rftlib does not cast that silently (a wrong or "
+                f"damaged file?). Pass allow_dtype_cast=True to load it anyway"
+            )
+    if not allow_nonfinite:
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                count = int((~torch.isfinite(tensor)).sum())
+                raise WeightsRefusedError(
+                    f"{path}: tensor {key!r} has {count} non-finite value(s) (NaN/inf) of {tensor.numel()}"
+                    f"{_and_more(bad)}; such weights cannot be evaluated meaningfully. Use an earlier "
+                    f"checkpoint, or pass allow_nonfinite=True to load them anyway"
+                )
+
+
+def _and_more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more tensor(s) like it)" if len(keys) > 1 else ""

@@ -24,6 +24,11 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not match what the caller expected; the message names the field."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file (weights, sidecar, training state, ``latest.json``) is empty, truncated or
+    not what its name says; the message names the file and what to do about it."""
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The sidecar of the weights file ``path``: the same name with a ``.json`` suffix."""
     return Path(path).with_suffix(".json")
@@ -34,11 +39,29 @@ def read_sidecar(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: there is none (every rftlib checkpoint has one).
+        CorruptCheckpointError: it is empty, truncated or not a JSON object (the message names it).
     """
     side = sidecar_path(path)
     if not side.exists():
         raise FileNotFoundError(f"checkpoint sidecar {side} is missing (every rftlib checkpoint has one)")
-    return json.loads(side.read_text())
+    try:
+        fields = json.loads(side.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        what = "empty" if side.stat().st_size == 0 else f"not valid JSON ({err})"
+        raise CorruptCheckpointError(f"checkpoint sidecar {side} is {what}; {damaged_checkpoint_hint(path)}") from err
+    if not isinstance(fields, dict):
+        raise CorruptCheckpointError(f"checkpoint sidecar {side} holds a JSON {type(fields).__name__}, not an "
+                                     f"object; {damaged_checkpoint_hint(path)}")
+    return fields
+
+
+def damaged_checkpoint_hint(path: str | os.PathLike) -> str:
+    """What to do about a damaged checkpoint ``path`` (weights or sidecar): the end of the error
+    messages that name it."""
+    weights = Path(path).with_suffix(".safetensors")
+    return (f"restore {weights.name} from a copy or write it again; in a run folder, delete {weights.name} "
+            f"and {sidecar_path(weights).name} (a resume then names the previous checkpoint to continue "
+            f"from), or delete the folder {weights.parent} to start over")
 
 
 def find_sidecar(path: str | os.PathLike) -> dict | None:
