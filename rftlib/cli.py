@@ -33,6 +33,7 @@ import torch
 from . import dist as rdist
 from .data import DATASETS, DataNotFoundError, RFTDataset, get_dataset, list_datasets
 from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
+from .devices import resolve_device
 from .methods import get_config, get_method, list_methods, run_method
 from .registry import UnknownNameError
 
@@ -121,6 +122,8 @@ def _resolve_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         DATASETS.get(args.dataset)
     with _one_line_error(parser, "--set"):
         get_config(args.method, args.dataset.lower(), dict(args.set))
+    with _one_line_error(parser, "--device"):
+        resolve_device(args.device)
     with _one_line_error(parser, "--workers/--memory-budget/--prepared"):
         loader = LoaderSettings(workers=args.workers, memory_budget=args.memory_budget, input_path=args.input_path,
                                 on_bad_image=args.on_bad_image, prepared=args.prepared)

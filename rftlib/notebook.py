@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import knobs
+from . import devices, knobs
 from .axes import Axes
 from .progress import MODES, set_progress
 
@@ -31,18 +31,12 @@ class ParameterError(ValueError):
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise a valid torch device string."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> CUDA when available, else CPU; otherwise a device this machine has
+    (:func:`rftlib.devices.resolve_device`)."""
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ParameterError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"device={device!r} but no CUDA GPU is available here; use device='cpu' or 'auto'")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ParameterError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return dev
+        return devices.resolve_device(device)
+    except ValueError as err:
+        raise ParameterError(str(err)) from None
 
 
 def check_knob(name: str, value: Any) -> float:

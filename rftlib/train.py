@@ -51,7 +51,7 @@ from .data.loading import LoaderSettings
 from .data.pipeline import ImageSpec, normalize
 from .data.train_input import StepLayout, TrainInput
 from .evaluate import autocast_for, evaluate
-from .models.checkpoint import load_checkpoint, save_checkpoint
+from .models.checkpoint import load_checkpoint, load_train_state, read_latest, save_checkpoint
 from .progress import progress
 from .schedule import MIN_LR_MODES, lr_at
 from .task import Batch, Task
@@ -199,10 +199,7 @@ class _Checkpointer:
                 (self.out_dir / p).unlink(missing_ok=True)
 
     def latest(self) -> tuple[Path, Path] | None:
-        if self.out_dir is None or not (self.out_dir / "latest.json").exists():
-            return None
-        info = json.loads((self.out_dir / "latest.json").read_text())
-        return self.out_dir / info["weights"], self.out_dir / info["state"]
+        return read_latest(self.out_dir) if self.out_dir is not None else None
 
 
 def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit, settings) -> dict[str, dict]:
@@ -238,6 +235,7 @@ def fit(
     info = rdist.current()
     out = Path(out_dir) if out_dir is not None else None
     settings = loader or LoaderSettings()
+    dataset.check_selection_split(cfg.select_split)
     if cfg.select_split is not None and cfg.select_split not in cfg.eval_splits:
         raise ValueError(f"select_split {cfg.select_split!r} must be one of eval_splits {cfg.eval_splits}")
     train = dataset.split("train")
@@ -262,7 +260,7 @@ def fit(
         weights, state_path = found
         state, _ = load_checkpoint(weights)
         task.load_checkpoint_state(state)
-        train_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        train_state = load_train_state(state_path)
         opt.load_state_dict(train_state["optimizer"])
         _set_rng_state(train_state["rng"])
         step, history, last_path = train_state["step"], train_state["history"], weights
@@ -290,6 +288,9 @@ def fit(
                 scalars["skipped_images"] = source.skipped
             emit(Event("step", step + 1, epoch, {"lr": lr, **scalars}))
             end_of_epoch = (step + 1) % layout.steps_per_epoch == 0
+            saving = end_of_epoch or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            if saving:  # every rank checks (their weights are equal), so none waits on a rank that raised
+                require_finite_weights(task, step + 1, last_path)
             if end_of_epoch:
                 task.eval()
                 metrics = _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step + 1, emit, settings)
@@ -302,7 +303,7 @@ def fit(
                                 state={k: v.detach().cpu().clone() for k, v in task.checkpoint_state().items()})
                     ckpt.save_best({"epoch": epoch, "select_split": cfg.select_split, "score": score})
                 emit(Event("epoch", step + 1, epoch, {"metrics": metrics, "best_epoch": best["epoch"]}))
-            if end_of_epoch or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            if saving:
                 train_state = {"optimizer": opt.state_dict(), "step": step + 1, "rng": _rng_state(),
                                "history": history, "best_metric": best["metric"], "best_epoch": best["epoch"]}
                 last_path = ckpt.save(step + 1, train_state) or last_path
@@ -314,6 +315,22 @@ def fit(
     emit(Event("end", total, cfg.epochs - 1, {"best_epoch": best["epoch"], "best_metric": best["metric"]}))
     return FitResult(total, best["epoch"], best["metric"], history,
                      out / "best.safetensors" if out and best["epoch"] is not None else None, last_path)
+
+
+def require_finite_weights(task: Task, step: int, last_path: Path | None) -> None:
+    """Refuse to evaluate or checkpoint weights that are not finite: the error names the last
+    checkpoint that is (every saved checkpoint passed this check), so a resume never starts from NaN.
+
+    Raises:
+        NonFiniteLossError: naming the first non-finite tensor, the step and the last finite checkpoint.
+    """
+    for name, tensor in task.checkpoint_state().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = (f"the last finite checkpoint is {last_path}" if last_path
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"weights became non-finite by step {step} (first: {name}); nothing was "
+                                     f"saved for this step and {where}. Lower lr or set grad_clip and start a "
+                                     "new run")
 
 
 def ddp_options(task: Task, device: torch.device) -> dict:

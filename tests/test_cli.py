@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rftlib import cli
 from rftlib.data import list_datasets
@@ -57,6 +58,13 @@ def test_module_entry_point_keeps_working_and_the_loop_does_not_import_the_metho
     (["--data-option", "size"], "argument --data-option: 'size' is not KEY=VALUE"),
     (["--data-option", "colour=red"], "--data-option: "),  # synthwild's loader lists its valid options
     (["--memory-budget", "lots"], "--memory-budget"),
+    (["--set", "batch_size=-8"], "--set: batch_size=-8 is invalid: it must be an integer >= 1"),
+    (["--set", "accum_steps=0"], "--set: accum_steps=0 is invalid"),
+    (["--set", "lr=abc"], "--set: lr='abc' is invalid"),
+    (["--set", "epochs=1.5"], "--set: epochs=1.5 is invalid"),
+    (["--method", "wiseft", "--set", "alpha=1.5"], "--set: alpha=1.5 is out of range"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device: device="),
+    (["--device", "tpu"], "--device: device='tpu'"),
 ])
 def test_bad_inputs_end_in_one_line(argv, expected, capsys):
     code, err = _exit_of(["--method", "finetune", *argv], capsys)

@@ -3,12 +3,18 @@ finished one unless forced, and the store keeps one run for it."""
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rftlib.methods import get_config, run_method
 from rftlib.results import ResultsStore, load, runs_dir
-from rftlib.runs import identity_of
+from rftlib.runs import RunFolder, RunIdentityError, RunInUseError, identity_of
+from rftlib.train import NonFiniteLossError
 
 from .helpers import tiny_clip
 
@@ -35,8 +41,8 @@ def test_the_run_id_is_a_function_of_what_decides_the_result(data):
     assert base.run_id().startswith("finetune-synthwild-")
     changed = [
         identity_of("finetune", "synthwild", "rft-tiny", None, 1, cfg, {"size": "tiny"}),
-        identity_of("finetune", "synthwild", "rft-tiny", None, 0, get_config("finetune", "synthwild",
-                                                                             {**SCHEDULE, "lr": 1e-3}), {"size": "tiny"}),
+        identity_of("finetune", "synthwild", "rft-tiny", None, 0,
+                    get_config("finetune", "synthwild", {**SCHEDULE, "lr": 1e-3}), {"size": "tiny"}),
         identity_of("finetune", "synthwild", "rft-tiny", None, 0, cfg, {"size": "small"}),
         identity_of("finetune", "synthwild", "ViT-B-16", "openai", 0, cfg, {"size": "tiny"}),
     ]
@@ -91,3 +97,51 @@ def test_force_retrains_from_scratch_and_keeps_one_run(data, tmp_path):
     _run(data, out_dir=explicit, force=True)  # a folder the user chose is moved aside, never deleted
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.replaced-")]
     assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_holding_another_run_is_refused_with_the_differences(data, tmp_path):
+    out = tmp_path / "x"
+    _run(data, out_dir=out)
+    with pytest.raises(RunIdentityError) as err:
+        run_method("finetune", data=data, clip=tiny_clip(), out_dir=out, progress="off",
+                   overrides={**SCHEDULE, "lr": 1e-3, "batch_size": 16})
+    message = str(err.value)
+    assert "2 difference(s)" in message and "config.train.lr: 0.0003 -> 0.001" in message
+    assert "config.train.batch_size: 32 -> 16" in message and "--out-dir" in message and "--force" in message
+    assert len(ResultsStore().runs()) == 1  # nothing was registered for the refused run
+
+
+def test_a_folder_in_use_by_a_live_process_is_refused(data, tmp_path):
+    out = tmp_path / "busy"
+    with RunFolder(out).acquire():
+        with pytest.raises(RunInUseError, match=f"in use by pid {os.getpid()}"):
+            _run(data, out_dir=out)
+    _run(data, out_dir=out)  # released: the run goes ahead
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError) as err:
+        run_method("finetune", data=data, clip=tiny_clip(), out_dir=out, progress="off",
+                   overrides={**SCHEDULE, "lr": 1e3, "warmup_steps": 0, "checkpoint_every": 1})
+    for path in out.glob("ckpt-*.safetensors"):  # whatever was saved is finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(path)).values() if t.is_floating_point())
+    named = re.search(r"last (?:finite|good) checkpoint is (\S+?\.safetensors)", str(err.value))
+    assert named is None or Path(named.group(1)).exists()
+
+
+def test_choosing_on_a_test_split_is_refused_before_any_work(data):
+    events: list = []
+    with pytest.raises(ValueError, match="select_split='test' is a ood test split"):
+        run_method("finetune", data=data, clip=tiny_clip(), callbacks=[events.append],
+                   overrides={**SCHEDULE, "select_split": "test", "eval_splits": ["test"]})
+    with pytest.raises(ValueError, match="select_split='id_test'"):
+        run_method("linear_probe", data=data, clip=tiny_clip(), overrides={"select_split": "id_test"})
+    assert events == [] and ResultsStore().runs().empty
+
+
+def test_a_missing_gpu_is_named_before_anything_loads(data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        run_method("zeroshot", data=data, model="ViT-B-16", pretrained="openai", device="cuda")

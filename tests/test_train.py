@@ -170,8 +170,10 @@ def test_bad_batch_and_split_settings_fail_clearly():
         fit(task, data, TrainConfig(batch_size=100_000), spec=spec)
     with pytest.raises(ValueError, match="multiple of world_size x accum_steps"):
         fit(task, data, TrainConfig(batch_size=10, accum_steps=3), spec=spec)
-    with pytest.raises(ValueError, match="select_split 'test' must be one of"):
-        fit(task, data, TrainConfig(select_split="test"), spec=spec)
+    with pytest.raises(ValueError, match="select_split 'val' must be one of"):
+        fit(task, data, TrainConfig(select_split="val"), spec=spec)
+    with pytest.raises(ValueError, match="select_split='test' is a ood test split"):  # never choose on test
+        fit(task, data, TrainConfig(select_split="test", eval_splits=("test",)), spec=spec)
 
 
 @pytest.mark.parametrize(("setting", "message"), [

@@ -181,6 +181,26 @@ class RFTDataset:
         s = self.split(split) if isinstance(split, str) else split
         return self.primary_metric.get(s.role, self.primary_metric.get("id", "accuracy"))
 
+    def check_selection_split(self, name: str | None) -> None:
+        """Refuse to choose models, epochs or knobs on a split that reports results.
+
+        Selection may use a validation split (``id_val``, ``val``) or ``train``; an ID test split
+        or any OOD/open-set split would leak the test set into the number it reports.
+
+        Raises:
+            ValueError: naming the split and the valid choices (an unknown name lists the splits).
+        """
+        if name is None:
+            return
+        role = self.split(name).role
+        if role == "train" or (role in ("id", "ood") and split_use(name) == "val"):
+            return
+        valid = [n for n, s in self.splits.items() if s.role == "train" or
+                 (s.role in ("id", "ood") and split_use(n) == "val")]
+        raise ValueError(f"select_split={name!r} is a {role} test split: choosing on it would leak the test set "
+                         f"into the reported result; choose on one of {', '.join(valid) or 'train'} "
+                         "(or null: the last epoch)")
+
     def split_facts(self) -> dict[str, dict[str, str]]:
         """What a results store needs to compare runs without loading the data: each ID/OOD
         split's role, headline metric and use, ``{"test": {"role": "ood", "metric": "macro_f1",

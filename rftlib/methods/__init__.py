@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..data.loading import LoaderSettings
-from ..dist import broadcast_object
+from ..devices import resolve_device
+from ..dist import broadcast_object, current
 from ..registry import Registry
 from .common import RunContext, RunResult, resolve_config
 
@@ -71,8 +72,8 @@ def run_method(
         callbacks: receive training events (live curves).
         loader: how images are read (workers, memory budget, bad images, prepared copy); default:
             the environment's (:class:`rftlib.data.loading.LoaderSettings`).
-        force: retrain from scratch even if this run already exists (its rows are replaced and its
-            folder cleared).
+        force: retrain from scratch even if this run already exists (its rows are removed; the default
+            folder is emptied, an explicit ``out_dir`` moved to ``<out_dir>.replaced-<time>``).
 
     The run id is content-addressed (:mod:`rftlib.runs`): the same method, data, model, config and
     seed give the same id and folder, so running the same command again resumes an interrupted
@@ -86,12 +87,13 @@ def run_method(
     from ..models import load_clip
 
     module = get_method(method)
+    device = resolve_device(device)
     torch.manual_seed(seed)
     data = data if data is not None else get_dataset(dataset, root=data_root, **(dataset_options or {}))
     cfg = resolve_config(module.Config, module.PRESETS, data.name, {**_seeded(module.Config, seed),
                                                                       **(overrides or {})})
     clip = clip if clip is not None else load_clip(model, pretrained, device=device)
-    ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=torch.device(device), seed=seed,
+    ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=device, seed=seed,
                    results_db=results_db, out_dir=out_dir, force=force, progress=progress, callbacks=callbacks,
                    loader=loader)
     try:
@@ -99,6 +101,8 @@ def run_method(
     except BaseException:
         ctx.store.finish_run(ctx.run_id, status="failed")
         raise
+    finally:
+        ctx.folder.release()
     ctx.store.finish_run(ctx.run_id)
     return result
 
@@ -106,46 +110,66 @@ def run_method(
 def open_run(method: str, cfg, *, data, clip, device: torch.device, seed: int, results_db: str | None = None,
              out_dir: str | Path | None = None, force: bool = False, progress: str | None = None,
              callbacks: Sequence[Callable] = (), loader: LoaderSettings | None = None) -> RunContext:
-    """Name a run by its content, find or prepare its folder, register it, and return its context.
+    """Name a run by its content, hold its folder, register it, and return its context.
 
-    A run that exists already is continued (``running`` or ``failed``: resumed from its last
-    checkpoint) or re-entered (``done``: nothing left to train); ``force`` clears it first.
+    The main rank takes the folder's lock (:class:`rftlib.runs.RunFolder`; a second process on the
+    same folder is refused) and checks the identity recorded there: a folder holding another run
+    is refused (possible only with an explicit ``out_dir``). An existing run is continued
+    (``running`` or ``failed``: resumed from its last checkpoint) or re-entered (``done``: nothing
+    left to train); ``force`` empties it first. The caller releases ``ctx.folder`` at the end.
     """
     from ..results import ResultsStore, runs_dir
-    from ..runs import identity_of
+    from ..runs import RunFolder, identity_of
 
+    for split in _selection_splits(cfg):  # before any work: choosing on a test split is refused
+        data.check_selection_split(split)
     identity = identity_of(method, data.name, clip.name, clip.pretrained, seed, cfg, data.options)
     store = ResultsStore(results_db)
     run_id = broadcast_object(identity.run_id())
     out = Path(out_dir) if out_dir is not None else runs_dir() / run_id
-    status = store.run_status(run_id)
-    if force and store.writer:
-        _clear_run(store, run_id, out, default_folder=out_dir is None)
-    elif status is not None:
-        log.info("run %s exists (%s): %s", run_id, status, "re-evaluating its final weights" if status == "done"
-                 else "resuming from its last checkpoint")
+    folder = RunFolder(out)
+    info = current()
+    if info.is_main:
+        folder.acquire()
+        try:
+            _prepare_folder(folder, store, run_id, identity, force=force, chosen=out_dir is not None,
+                            world_size=info.world_size)
+        except BaseException:
+            folder.release()
+            raise
     store.start_run(run_id, method=method, dataset=data.name, model=clip.name, pretrained=clip.pretrained, seed=seed,
                     config=cfg, splits=data.split_facts())
     return RunContext(clip=clip, dataset=data, device=device, store=store, run_id=run_id, method=method, seed=seed,
                       out_dir=out, callbacks=list(callbacks), progress=progress, config=cfg,
-                      loader=loader or LoaderSettings())
+                      loader=loader or LoaderSettings(), folder=folder)
 
 
-def _clear_run(store, run_id: str, out: Path, *, default_folder: bool) -> None:
-    """Forget a run's rows and its checkpoints: the default folder is deleted, an explicit one is
-    moved aside (``<out>.replaced-<UTC time>``) so that nothing a user pointed at is lost."""
-    import shutil
-    from datetime import UTC, datetime
+def _prepare_folder(folder, store, run_id: str, identity, *, force: bool, chosen: bool, world_size: int) -> None:
+    """Forget the run first when forced (rows, checkpoints), then record or check its identity."""
+    status = store.run_status(run_id)
+    if force:
+        deleted = store.delete_run(run_id)
+        aside = folder.clear(move_aside=chosen)
+        log.info("force: retraining run %s from scratch (%d old rows removed%s)", run_id, deleted,
+                 f"; the folder's old contents are in {aside}" if aside else "")
+    elif status is not None:
+        log.info("run %s exists (%s): %s", run_id, status, "re-evaluating its final weights" if status == "done"
+                 else "resuming from its last checkpoint")
+    folder.claim(identity, world_size=world_size)
 
-    deleted = store.delete_run(run_id)
-    if out.exists():
-        if default_folder:
-            shutil.rmtree(out)
-        else:
-            aside = out.with_name(f"{out.name}.replaced-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-            out.rename(aside)
-            log.warning("force: moved the previous contents of %s to %s", out, aside)
-    log.info("force: retraining run %s from scratch (%d old rows removed)", run_id, deleted)
+
+def _selection_splits(cfg) -> list[str]:
+    """The splits a config chooses on: its ``select_split`` fields, its own and its nested configs'."""
+    import dataclasses
+
+    found = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "select_split" and isinstance(value, str):
+            found.append(value)
+        elif dataclasses.is_dataclass(value):
+            found += _selection_splits(value)
+    return found
 
 
 def _seeded(config_cls, seed: int) -> dict:

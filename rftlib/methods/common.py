@@ -28,6 +28,7 @@ from ..evaluate import EvalResult, evaluate
 from ..models import ClipModel
 from ..registry import UnknownNameError
 from ..results import ResultsStore
+from ..runs import RunFolder
 from ..train import FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RunContext:
     progress: str | None = None
     config: Any = None
     loader: LoaderSettings = field(default_factory=LoaderSettings)
+    folder: RunFolder | None = None  # the run folder this process holds (main rank)
 
     @property
     def spec(self) -> ImageSpec:

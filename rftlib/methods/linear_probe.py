@@ -53,6 +53,7 @@ def fit_probe(ctx: RunContext, cfg: Config) -> tuple[ZeroShotHead, dict]:
     """Sweep C, select on ID val, return the head (normalised-feature parametrisation) and a report."""
     from sklearn.linear_model import LogisticRegression
 
+    ctx.dataset.check_selection_split(cfg.select_split)
     train = ctx.dataset.split("train")
     x_train = image_features(ctx, "train").numpy()
     x_val = image_features(ctx, cfg.select_split).numpy()
