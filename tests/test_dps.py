@@ -221,3 +221,15 @@ def test_reference_checkpoint_and_ratio_sweep(data, tmp_path):
     assert set(stored[stored.kind == "sweep"].mask_ratio) == {0.0, 0.25, 0.75}
     assert result.metrics["test"] == table[(table.mask_ratio == 0.25) & (table.split == "test")].set_index(
         "metric").value.to_dict()
+
+
+def test_a_sweeps_ratio_zero_reuses_the_reference_run(data, tmp_path):
+    """The default reference is this config at ratio 0, so the sweep's ratio 0 is not trained twice."""
+    result = run_method("dps", data=data, clip=tiny_clip(), out_dir=tmp_path / "dps",
+                        overrides={**TINY, "mask_ratio": 0.5, "mask_ratios": [0.0]})
+    table = result.extra["sweep"]
+    at0 = table[(table.mask_ratio == 0.0) & (table.role.isin(["id", "ood"]))].set_index(["split", "metric"]).value
+    reference = load(method="dps", kind="final")
+    reference = reference[reference.run_id != result.run_id].set_index(["split", "metric"]).value
+    assert at0.to_dict() == pytest.approx(reference.to_dict())
+    assert not (tmp_path / "dps" / "mask_0").exists()

@@ -525,17 +525,17 @@ class DPSTask(FlypTask):
 
 
 
-def reference_state(ctx: RunContext, cfg: Config) -> tuple[dict[str, torch.Tensor], Path | None]:
-    """The reference fine-tuned weights (CLIP keys only) and where they came from.
+def reference_state(ctx: RunContext, cfg: Config) -> tuple[dict[str, torch.Tensor], Path | None, RunResult | None]:
+    """The reference fine-tuned weights (CLIP keys only), where they came from, and the reference run.
 
-    ``cfg.reference`` is loaded if given (its architecture must be ``ctx.clip``'s); otherwise
+    ``cfg.reference`` is loaded if given (its architecture must be ``ctx.clip``'s; no run); otherwise
     ``cfg.reference_method`` is run on a deep copy of ``ctx.clip`` (which stays pretrained). The
     default, ``"dps"`` with ``mask_ratio=0``, is the released pipeline's first step: the same
     objective and schedule with nothing suppressed.
     """
     if cfg.reference is not None:
         state, _ = load_checkpoint(cfg.reference, architecture=ctx.clip.name)
-        return {k: v for k, v in state.items() if not k.startswith("head.")}, Path(cfg.reference)
+        return {k: v for k, v in state.items() if not k.startswith("head.")}, Path(cfg.reference), None
     overrides = dict(cfg.reference_overrides or {})
     if cfg.reference_method == NAME:
         overrides = {**{f"train.{k}": v for k, v in asdict(cfg.train).items()}, "objective": cfg.objective,
@@ -543,7 +543,14 @@ def reference_state(ctx: RunContext, cfg: Config) -> tuple[dict[str, torch.Tenso
     log.info("dps: training the reference model with %r", cfg.reference_method)
     base = ctx.run_base(cfg.reference_method, overrides, folder="reference", label=False)
     state = {k: v.detach().cpu().clone() for k, v in base.clip.model.state_dict().items()}
-    return state, base.checkpoint
+    return state, base.checkpoint, base
+
+
+def reference_is_ratio_zero(cfg: Config) -> bool:
+    """Whether the reference run is exactly this config's run at mask ratio 0 with the sweep's
+    schedule (the default), so a sweep's ratio 0 can reuse it instead of training it again."""
+    same_schedule = cfg.sweep_epochs in (None, cfg.train.epochs)
+    return cfg.reference is None and cfg.reference_method == NAME and not cfg.reference_overrides and same_schedule
 
 
 def build_masks(theta0: StateDict, theta_ref: StateDict | None, cfg: Config) -> tuple[dict, RowRanking | None]:
@@ -597,14 +604,18 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
     pristine = copy.deepcopy(ctx.clip) if extra_ratios else None
     theta0 = {k: v.detach().cpu().clone() for k, v in ctx.clip.model.state_dict().items()}
     needs_reference = any(r > 0 for r in (cfg.mask_ratio, *extra_ratios))
-    ref_state, ref_path = reference_state(ctx, cfg) if needs_reference else (None, None)
+    ref_state, ref_path, reference = reference_state(ctx, cfg) if needs_reference else (None, None, None)
     masks, ranking = build_masks(theta0, ref_state, cfg)
     stats = mask_stats(masks, theta0)
     log_mask_stats(ctx, stats, cfg.mask_ratio)
     model, fitted = train_masked(ctx, cfg, masks)
     rows = _ratio_rows(ctx, model, cfg.mask_ratio, stats, report=True, epoch=fitted.best_epoch)
     for ratio in extra_ratios:
-        rows += _extra_ratio(ctx, cfg, ratio, theta0, ref_state, pristine)
+        if ratio == 0.0 and reference is not None and reference_is_ratio_zero(cfg):  # trained already
+            rows += _ratio_rows(ctx, reference.classifier, 0.0, mask_stats({}, theta0), report=False,
+                                epoch=reference.extra.get("best_epoch"))
+        else:
+            rows += _extra_ratio(ctx, cfg, ratio, theta0, ref_state, pristine)
     table = sweep_table(rows, "mask_ratio")
     return ctx.conclude(model, fitted, metrics=metrics_at(table, "mask_ratio", cfg.mask_ratio), sweep=table,
                         mask_stats=stats, masks=masks, ranking=ranking,
