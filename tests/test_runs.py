@@ -145,3 +145,10 @@ def test_a_missing_gpu_is_named_before_anything_loads(data):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         run_method("zeroshot", data=data, model="ViT-B-16", pretrained="openai", device="cuda")
+
+
+def test_settings_are_checked_before_the_data_is_loaded(tmp_path):
+    with pytest.raises(ValueError, match="epochs=0 is invalid"):  # not "iwildcam is missing"
+        run_method("finetune", dataset="iwildcam", data_root=str(tmp_path / "nothing"), overrides={"epochs": 0})
+    with pytest.raises(ValueError, match="alphas must be a list"):
+        run_method("wiseft", dataset="fmow", data_root=str(tmp_path / "nothing"), overrides={"alphas": 0.5})

@@ -89,9 +89,9 @@ def run_method(
     module = get_method(method)
     device = resolve_device(device)
     torch.manual_seed(seed)
+    preset = data.name if data is not None else str(dataset).lower()  # settings are checked before data loads
+    cfg = resolve_config(module.Config, module.PRESETS, preset, {**_seeded(module.Config, seed), **(overrides or {})})
     data = data if data is not None else get_dataset(dataset, root=data_root, **(dataset_options or {}))
-    cfg = resolve_config(module.Config, module.PRESETS, data.name, {**_seeded(module.Config, seed),
-                                                                      **(overrides or {})})
     clip = clip if clip is not None else load_clip(model, pretrained, device=device)
     ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=device, seed=seed,
                    results_db=results_db, out_dir=out_dir, force=force, progress=progress, callbacks=callbacks,
