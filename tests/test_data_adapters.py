@@ -109,6 +109,29 @@ def test_iwildcam_english_names_from_labels_csv(wilds_root, tmp_path):
         assert real.classnames[0] == "empty"
 
 
+def test_iwildcam_prompts_with_the_shipped_common_names_when_the_label_space_matches(wilds_root, tmp_path):
+    """The papers prompt iWildCam with common names; rftlib ships WiSE-FT's table and uses it by
+    default, but only for a dataset whose categories are that table's (a fake or another release
+    keeps its own names)."""
+    import shutil
+
+    from rftlib.data.wilds_data import SHIPPED_LABELS
+
+    root = tmp_path / "wilds"
+    shutil.copytree(wilds_root, root)
+    categories = root / "iwildcam_v2.0" / "categories.csv"
+    fake = pd.read_csv(categories)
+    shipped = pd.read_csv(SHIPPED_LABELS).set_index("y")
+    real = fake.assign(name=[shipped.loc[y, "name"] for y in fake["y"]])  # this tree's labels are WILDS' labels
+    real.to_csv(categories, index=False)
+    ds = get_dataset("iwildcam", root=root)
+    assert ds.classnames == [shipped.loc[y, "english"].lower() for y in sorted(fake["y"])]
+    assert ds.classnames[1] == "white-lipped peccary"
+    assert ds.info["classnames_source"] == "iwildcam_labels.csv:english (shipped with rftlib)"
+    fake.to_csv(categories, index=False)  # another label space: its own (Latin) names, never misnamed
+    assert get_dataset("iwildcam", root=root).info["classnames_source"] == "categories.csv:name"
+
+
 def test_iwildcam_metrics_equal_wilds_eval(wilds_root, wilds):
     ds = get_dataset("iwildcam", root=wilds_root)
     wd = wilds.get_dataset("iwildcam", root_dir=str(wilds_root), download=False)

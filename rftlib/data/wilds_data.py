@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .base import DataNotFoundError, FileImages, RFTDataset, Split
-from .textfiles import read_templates
+from .textfiles import read_templates, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ SPLIT_ROLES = {"train": "train", "id_val": "id", "id_test": "id", "val": "ood", 
 
 NON_WILDS_LABEL = 99999
 """``y`` value that WiSE-FT's ``labels.csv`` gives to categories that are not WILDS classes."""
+
+SHIPPED_LABELS = resource_path("iwildcam_labels.csv")
+"""iWildCam's 182 labels with their common English names, as the papers prompt with them
+(WiSE-FT's table; origin in ``rftlib/data/files/SOURCES.md``)."""
 
 
 @dataclass(frozen=True)
@@ -311,8 +315,10 @@ def iwildcam_classnames(
     """Class names for iWildCam label indices ``0..n_classes-1`` and where they came from.
 
     Order of preference: ``classnames_file`` (must exist), ``<data_dir>/labels.csv`` (both need
-    the ``english`` column), ``<data_dir>/categories.csv`` (``name`` column), generic
-    ``"class <i>"`` names.
+    the ``english`` column), the common names shipped with rftlib (``rftlib/data/files/
+    iwildcam_labels.csv``, WiSE-FT's table: what the papers prompt with) when the dataset's
+    ``categories.csv`` has the same label space, ``<data_dir>/categories.csv`` (the Latin
+    ``name`` column), generic ``"class <i>"`` names. The choice is logged.
 
     Raises:
         FileNotFoundError: ``classnames_file`` was given but does not exist.
@@ -320,13 +326,31 @@ def iwildcam_classnames(
     """
     if classnames_file is not None and not Path(classnames_file).is_file():
         raise FileNotFoundError(f"classnames_file {classnames_file} does not exist")
+    categories = data_dir / "categories.csv"
     candidates = [(Path(classnames_file), "english")] if classnames_file is not None else []
-    candidates += [(data_dir / "labels.csv", "english"), (data_dir / "categories.csv", "name")]
+    candidates.append((data_dir / "labels.csv", "english"))
+    if categories.is_file() and _same_label_space(categories, SHIPPED_LABELS, n_classes):
+        candidates.append((SHIPPED_LABELS, "english"))
+    candidates.append((categories, "name"))
     for path, column in candidates:
         if path.is_file():
-            return _names_from_table(path, column, n_classes), f"{path.name}:{column}"
+            source = f"{path.name}:{column}" + (" (shipped with rftlib)" if path == SHIPPED_LABELS else "")
+            log.info("iwildcam: class names from %s", source)
+            return _names_from_table(path, column, n_classes), source
     log.warning("iwildcam: no labels.csv or categories.csv in %s; using generic class names", data_dir)
     return [f"class {i}" for i in range(n_classes)], "generic"
+
+
+def _same_label_space(categories: Path, labels: Path, n_classes: int) -> bool:
+    """Whether two tables give the same scientific ``name`` to every label ``y < n_classes``."""
+    def names(path: Path) -> dict[int, str]:
+        table = pd.read_csv(path)
+        if not {"y", "name"} <= set(table.columns):
+            return {}
+        return {int(y): str(n).lower() for y, n in zip(table["y"], table["name"], strict=True) if y < n_classes}
+
+    ours = names(categories)
+    return len(ours) == n_classes and ours == {y: n for y, n in names(labels).items() if y in ours}
 
 
 def _names_from_table(path: Path, column: str, n_classes: int) -> list[str]:
