@@ -190,3 +190,17 @@ def test_wiseft_forwards_the_schedule_to_its_base_run(data, tmp_path):
     with pytest.raises(ValueError, match="nothing is trained"):
         run_method("wiseft", data=data, clip=tiny_clip(), overrides={"finetuned": str(wise.checkpoint),
                                                                       "base_overrides": {"epochs": 1}})
+
+
+@pytest.mark.parametrize("method", ["flyp", "drm", "radapter"])
+def test_contrastive_methods_refuse_gradient_accumulation(method):
+    """Each micro-step would see only batch/accum negatives, a different loss from the papers'."""
+    with pytest.raises(ValueError, match=f"accum_steps=2 with {method}: its contrastive loss"):
+        get_config(method, "synthwild", {"accum_steps": 2})
+    assert get_config("finetune", "synthwild", {"accum_steps": 2}).train.accum_steps == 2  # CE is fine
+
+
+@pytest.mark.parametrize("dataset", ["iwildcam", "fmow", "imagenet"])
+def test_fine_tuning_clips_gradients_at_one_on_real_data_as_wise_ft_does(dataset):
+    for method in ("finetune", "lpft"):
+        assert get_config(method, dataset).train.grad_clip == 1.0

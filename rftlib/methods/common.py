@@ -154,6 +154,18 @@ def tidy_rows(dataset: RFTDataset, knobs: Mapping[str, float], split: str, role:
             for m, v in metrics.items()]
 
 
+def refuse_accumulation(train: TrainConfig, method: str) -> None:
+    """Contrastive losses take their negatives from the whole batch: under gradient accumulation
+    each micro-step would see only ``batch_size / accum_steps`` of them, a different objective from
+    the papers'. Refuse the combination (features are gathered across DDP ranks, so more GPUs keep
+    the full batch)."""
+    if train.accum_steps > 1:
+        raise ValueError(f"accum_steps={train.accum_steps} with {method}: its contrastive loss takes negatives "
+                         f"from the whole batch, and each micro-step would see only batch_size/"
+                         f"{train.accum_steps} of them. Use accum_steps=1 (features are gathered across GPUs, "
+                         "so more ranks keep the full batch) or a batch_size that fits")
+
+
 def sweep_table(rows: Sequence[Mapping[str, Any]], knob: str) -> pd.DataFrame:
     """Sweep rows (:func:`tidy_rows`) as a frame: ``knob, split, role, metric, value, headline``."""
     return pd.DataFrame(list(rows), columns=[knob, "split", "role", "metric", "value", "headline"])

@@ -68,7 +68,7 @@ from ..evaluate import EvalResult, encode_split
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts
 from ..task import Batch
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_at, sweep_table, tidy_rows
+from .common import RunContext, RunResult, metrics_at, refuse_accumulation, sweep_table, tidy_rows
 from .concepts import (
     ClassPrompts,
     ConceptDescriptionError,
@@ -102,6 +102,7 @@ class Config:
     templates: tuple[str, ...] | None = None  # default-template prompts (captions + df head); None: the dataset's
 
     def __post_init__(self):
+        refuse_accumulation(self.train, NAME)
         if self.affinity_axis not in AFFINITY_AXES:
             raise ValueError(f"unknown affinity_axis {self.affinity_axis!r}; valid: {', '.join(AFFINITY_AXES)}")
         if self.cd_classes not in CD_CLASSES:
@@ -148,7 +149,7 @@ def soft_labels(cd_logits: torch.Tensor, axis: str = "class") -> torch.Tensor:
 
 
 def zeroshot_cd_logits(clip: ClipModel, descriptions: Sequence[ClassPrompts], split: Split, spec: ImageSpec,
-                       *, device=None, batch_size: int = 256, amp: bool = True,
+                       *, device=None, batch_size: int = 256, amp: bool = False,
                        settings: LoaderSettings | None = None) -> torch.Tensor:
     """Logits ``s * cos(f(x), w^cd)`` of ``clip``'s concept-description head on a split's images."""
     head = build_zeroshot_head(clip, prompts=descriptions).to(clip.device)

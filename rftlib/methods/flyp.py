@@ -35,7 +35,7 @@ from torch import nn
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult
+from .common import RunContext, RunResult, refuse_accumulation
 
 NAME = "flyp"
 LABEL_AWARE = ("none", "mask")
@@ -48,6 +48,9 @@ class Config:
     label_aware: str = "none"        # "none" (published FLYP) or "mask" (same-class pairs not negatives)
     decay_logit_scale: bool = True   # FLYP decays the logit scale like every other tensor
     max_logit_scale: float | None = None  # clamp exp(logit_scale) after each step (None: no clamp)
+
+    def __post_init__(self):
+        refuse_accumulation(self.train, NAME)
 
 
 PRESETS = {

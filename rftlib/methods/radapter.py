@@ -88,7 +88,7 @@ from .. import knobs
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, save_checkpoint
 from ..task import Batch, Task
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_at, sweep_table, tidy_rows
+from .common import RunContext, RunResult, metrics_at, refuse_accumulation, sweep_table, tidy_rows
 from .flyp import CaptionMixin
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Config:
     export_merged: bool = True       # write <out_dir>/merged.safetensors (plain open_clip + head)
 
     def __post_init__(self):
+        refuse_accumulation(self.train, NAME)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         self.scale = knobs.check("scale", self.scale)
