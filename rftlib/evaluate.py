@@ -2,8 +2,10 @@
 
 ``evaluate(model, dataset, split, spec)`` takes the split's evaluation views (decoded once and
 reused, or streamed through worker processes: :func:`rftlib.data.pipeline.eval_batches`), runs
-``model`` over normalised batches (bf16 autocast on CUDA, fp32 elsewhere) and returns an
-:class:`EvalResult` with logits, predictions, labels, metadata and the dataset's official metrics.
+``model`` over normalised batches in fp32, as the papers' evaluation code does (``amp=True`` runs
+bf16 autocast on CUDA instead: faster, but its metrics are not the references'; on CPU it changes
+nothing, so no difference is measurable on synthwild on a CPU) and returns an :class:`EvalResult`
+with logits, predictions, labels, metadata and the dataset's official metrics.
 ``run_model`` is the same loop for any module (e.g. an image tower returning features), over a
 decoded ``uint8`` tensor or any iterable of ``uint8`` batches. On CUDA a background thread copies
 the next batch into page-locked memory while the GPU works on the current one.
@@ -40,7 +42,7 @@ def autocast_for(device: torch.device | str, enabled: bool = True):
 @torch.no_grad()
 def run_model(
     module: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], spec: ImageSpec, *,
-    device: torch.device | str | None = None, batch_size: int = 256, amp: bool = True,
+    device: torch.device | str | None = None, batch_size: int = 256, amp: bool = False,
     progress_mode: str | None = "off", desc: str = "eval", total: int | None = None,
 ) -> torch.Tensor:
     """Apply ``module`` to ``uint8`` images: a decoded (N, 3, S, S) tensor (cut into ``batch_size``
@@ -98,7 +100,7 @@ def _prefetch_pinned(batches: Iterable[torch.Tensor], depth: int = 2) -> Iterato
 
 def encode_split(
     module: nn.Module, split: Split, spec: ImageSpec, *, device: torch.device | str | None = None,
-    batch_size: int = 256, amp: bool = True, settings: LoaderSettings | None = None,
+    batch_size: int = 256, amp: bool = False, settings: LoaderSettings | None = None,
     progress_mode: str | None = "off", desc: str = "eval",
 ) -> torch.Tensor:
     """:func:`run_model` over a split's evaluation views (decoded once and reused for evaluation
@@ -126,7 +128,7 @@ class EvalResult:
 
 def evaluate(
     model: nn.Module, dataset: RFTDataset, split: str | Split, spec: ImageSpec, *,
-    device: torch.device | str | None = None, batch_size: int = 256, amp: bool = True,
+    device: torch.device | str | None = None, batch_size: int = 256, amp: bool = False,
     settings: LoaderSettings | None = None, progress_mode: str | None = "off",
 ) -> EvalResult:
     """Evaluate an image classifier on one split with the dataset's official metrics.

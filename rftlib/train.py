@@ -72,7 +72,8 @@ class TrainConfig:
     min_lr_mode: str = "flyp"       # "flyp": cosine*lr + min_lr; "floor": cosine from lr to min_lr
     grad_clip: float | None = None  # global gradient-norm clip (WiSE-FT uses 1.0; FLYP none)
     accum_steps: int = 1            # micro-steps per optimiser step
-    amp: bool = True                # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True                # bf16 autocast on CUDA while training (ignored on CPU)
+    eval_amp: bool = False          # bf16 for the per-epoch evaluations too (default fp32, as the papers)
     grad_checkpointing: bool = False  # recompute activations in the towers to save memory
     seed: int = 0                   # data order, initialisation of any new parameters
     select_split: str | None = "id_val"  # selection split (ID validation, never test); None = last epoch
@@ -96,7 +97,7 @@ class TrainConfig:
 _LOWEST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "eval_batch_size": 1, "warmup_steps": 0, "seed": 0,
            "checkpoint_every": 0, "keep_checkpoints": 0}  # the integer settings and their lowest valid value
 _RATES = ("lr", "weight_decay", "min_lr")                 # real settings >= 0
-_SWITCHES = ("amp", "grad_checkpointing", "restore_best")
+_SWITCHES = ("amp", "eval_amp", "grad_checkpointing", "restore_best")
 
 
 def _check_train_config(cfg: TrainConfig) -> None:
@@ -206,7 +207,7 @@ def _evaluate_epoch(task, dataset, cfg, spec, device, epoch, step, emit, setting
     model = task.classifier()
     results = {}
     for name in cfg.eval_splits:
-        res = evaluate(model, dataset, name, spec, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+        res = evaluate(model, dataset, name, spec, device=device, batch_size=cfg.eval_batch_size, amp=cfg.eval_amp,
                        settings=settings)
         results[name] = res.metrics
         emit(Event("eval", step, epoch, {"split": name, "role": res.role, "metrics": res.metrics}))

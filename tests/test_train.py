@@ -237,3 +237,25 @@ def test_cli_trains_and_prints_a_summary(tmp_path):
     bad = subprocess.run([*cmd[:4], "nope"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode != 0 and "valid methods" in bad.stderr
+
+
+def test_evaluation_runs_in_fp32_unless_bf16_is_asked_for(monkeypatch):
+    """The references evaluate in fp32: every evaluation (final and per-epoch) asks for no autocast
+    by default; ``amp=True`` / ``eval_amp=True`` opt into bf16 on CUDA."""
+    import rftlib.evaluate as evaluation
+
+    asked = []
+    real = evaluation.autocast_for
+    monkeypatch.setattr(evaluation, "autocast_for", lambda device, enabled=True: asked.append(enabled) or
+                        real(device, enabled))
+    torch.manual_seed(0)
+    clip = load_clip("rft-tiny", None)
+    data = get_dataset("synthwild", size="tiny", cache=False)
+    task = FinetuneTask(clip, build_zeroshot_head(clip, data.classnames, data.templates))
+    spec = ImageSpec.of(clip)
+    fit(task, data, TrainConfig(epochs=1, batch_size=32, warmup_steps=1), spec=spec)  # one per-epoch evaluation
+    evaluation.evaluate(task.classifier(), data, "test", spec)
+    assert asked and not any(asked)
+    evaluation.evaluate(task.classifier(), data, "test", spec, amp=True)
+    assert asked[-1] is True
+    assert real("cuda", False).__class__.__name__ == "nullcontext"

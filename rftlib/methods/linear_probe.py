@@ -4,9 +4,13 @@ Idea: the encoder stays frozen; image features are computed once (eval transform
 normalised, and a multinomial L2-regularised logistic regression is fit for each ``C`` in
 ``C_grid`` (warm-started from the previous C); the C with the best ID-val headline metric wins.
 The resulting head is stored in the zero-shot head's parametrisation (a linear layer over
-*normalised* features, bias included), so it loads into :class:`~rftlib.models.ZeroShotHead`, can
-be interpolated with the zero-shot head (WiSE-FT's linear-classifier variant) and initialises
-LP-FT. Classes absent from the training split get zero weight rows and zero bias.
+*normalised* features, bias included), so it loads into :class:`~rftlib.models.ZeroShotHead`,
+can be interpolated with the zero-shot head and initialises LP-FT. It is the sklearn
+logistic-regression probe of Kumar et al. (LP-FT) and of CLIP's linear-probe evaluation, not
+WiSE-FT's "linear classifier" variant, which trains the head with AdamW and cross-entropy in
+PyTorch. Classes absent from the training split get zero weight rows and zero bias. On ImageNet
+the preset still chooses C on the training split (the references hold out part of train: not
+done here yet).
 
 Knobs: ``C_grid`` (inverse regularisation strengths), ``max_iter``.
 
