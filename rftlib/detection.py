@@ -168,16 +168,16 @@ def detection_scores(
     return pd.concat(frames, ignore_index=True)
 
 
-def detection_metrics(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+def detection_metrics(scores: pd.DataFrame, *, fpr_convention: str = "exact") -> dict[str, dict[str, float]]:
     """``{ood split: {"<kind>_auroc": ..., "<kind>_fpr95": ..., ...}}`` from :func:`detection_scores`'s frame.
 
     Each open-set split is measured against the ID rows of the same kind
-    (:func:`rftlib.metrics.ood_detection_metrics`).
+    (:func:`rftlib.metrics.ood_detection_metrics`; ``fpr_convention`` as there).
     """
     out: dict[str, dict[str, float]] = {}
     ident = scores[~scores.is_ood]
     for (split, kind), ood in scores[scores.is_ood].groupby(["split", "kind"], sort=False):
         ref = ident[ident.kind == kind].score.to_numpy()
-        metrics = ood_detection_metrics(ref, ood.score.to_numpy())
+        metrics = ood_detection_metrics(ref, ood.score.to_numpy(), fpr_convention=fpr_convention)
         out.setdefault(split, {}).update({f"{kind}_{m}": v for m, v in metrics.items()})
     return out

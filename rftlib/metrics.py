@@ -378,21 +378,36 @@ def threshold_at_tpr(scores_id: ArrayLike, tpr: float = 0.95) -> float:
     return float(np.sort(s_id)[s_id.size - n_keep])
 
 
-def fpr_at_tpr(scores_id: ArrayLike, scores_ood: ArrayLike, tpr: float = 0.95) -> float:
-    """False-positive rate on OOD data at the threshold that accepts a fraction ``tpr`` of ID data.
+FPR_CONVENTIONS = ("exact", "percentile")
+"""How FPR@TPR places its threshold: ``exact`` (rftlib's default) takes the ID order statistic
+that keeps ``ceil(tpr * n)`` ID scores and counts OOD scores ``>=`` it (ties accepted, as the ID
+ones are); ``percentile`` is CRoFT's released evaluator: the linearly interpolated
+``100 * (1 - tpr)``-th percentile of the ID scores, counting OOD scores strictly above it. They
+differ on small ID sets and on ties (0.575 vs 0.500 with 46 ID samples in CRoFT's setting)."""
 
-    The threshold is :func:`threshold_at_tpr`'s; the FPR is the fraction of OOD scores ``>=`` it.
+
+def fpr_at_tpr(scores_id: ArrayLike, scores_ood: ArrayLike, tpr: float = 0.95, *,
+               convention: str = "exact") -> float:
+    """False-positive rate on OOD data at the threshold that accepts a fraction ``tpr`` of ID data.
 
     Args:
         scores_id: Scores of in-distribution samples.
         scores_ood: Scores of out-of-distribution samples.
         tpr: Target true-positive rate in ``(0, 1]``.
+        convention: where the threshold goes and how ties count (:data:`FPR_CONVENTIONS`):
+            ``exact`` = :func:`threshold_at_tpr` and OOD ``>=`` it; ``percentile`` = CRoFT's.
 
     Returns:
         The FPR in ``[0, 1]``; lower is better.
     """
     s_id, s_ood = _check_scores(scores_id, scores_ood)
-    return float(np.mean(s_ood >= threshold_at_tpr(s_id, tpr)))
+    if convention == "exact":
+        return float(np.mean(s_ood >= threshold_at_tpr(s_id, tpr)))
+    if convention == "percentile":
+        if not 0.0 < tpr <= 1.0:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        return float(np.mean(s_ood > np.percentile(s_id, 100.0 * (1.0 - tpr))))
+    raise ValueError(f"unknown FPR convention {convention!r}; valid: {', '.join(FPR_CONVENTIONS)}")
 
 
 def _average_precision(scores: np.ndarray, is_positive: np.ndarray) -> float:
@@ -437,19 +452,21 @@ def aupr(scores_id: ArrayLike, scores_ood: ArrayLike, positive: str = "id") -> f
     raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
 
 
-def ood_detection_metrics(scores_id: ArrayLike, scores_ood: ArrayLike) -> dict[str, float]:
+def ood_detection_metrics(scores_id: ArrayLike, scores_ood: ArrayLike, *,
+                          fpr_convention: str = "exact") -> dict[str, float]:
     """The standard OOD-detection summary.
 
     Args:
         scores_id: Scores of in-distribution samples (higher = more ID).
         scores_ood: Scores of out-of-distribution samples.
+        fpr_convention: :data:`FPR_CONVENTIONS` (``percentile`` reproduces CRoFT's evaluator).
 
     Returns:
         ``{"auroc", "fpr95", "aupr_in", "aupr_out"}``.
     """
     return {
         "auroc": auroc(scores_id, scores_ood),
-        "fpr95": fpr_at_tpr(scores_id, scores_ood, tpr=0.95),
+        "fpr95": fpr_at_tpr(scores_id, scores_ood, tpr=0.95, convention=fpr_convention),
         "aupr_in": aupr(scores_id, scores_ood, positive="id"),
         "aupr_out": aupr(scores_id, scores_ood, positive="ood"),
     }

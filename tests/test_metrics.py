@@ -238,3 +238,17 @@ def test_fmow_metrics_match_wilds_eval(wilds_root, wilds_module, split):
     assert ours["acc_worst_year"] == pytest.approx(float(expected["acc_worst_year"]))
     for key in (k for k in ours if k.startswith("acc_region:")):
         assert ours[key] == pytest.approx(float(expected[key]))  # same key naming as WILDS
+
+
+def test_fpr_conventions_on_a_hand_computed_case():
+    """Ten ID scores 1..10 at TPR 0.9. ``exact``: the threshold is the 2nd lowest ID score, 2, and
+    OOD scores >= 2 count; ``percentile`` (CRoFT): the interpolated 10th percentile, 1.9, and OOD
+    scores strictly above it count."""
+    scores_id = np.arange(1.0, 11.0)
+    scores_ood = np.array([1.9, 1.95, 2.0, 0.0])
+    assert metrics.fpr_at_tpr(scores_id, scores_ood, 0.9) == pytest.approx(1 / 4)  # only 2.0
+    assert metrics.fpr_at_tpr(scores_id, scores_ood, 0.9, convention="percentile") == pytest.approx(2 / 4)
+    assert metrics.ood_detection_metrics(scores_id, scores_ood, fpr_convention="percentile")["fpr95"] == \
+        pytest.approx(np.mean(scores_ood > np.percentile(scores_id, 5)))
+    with pytest.raises(ValueError, match="unknown FPR convention 'strict'; valid: exact, percentile"):
+        metrics.fpr_at_tpr(scores_id, scores_ood, convention="strict")

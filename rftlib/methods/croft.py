@@ -102,6 +102,7 @@ from .. import dist as rdist
 from ..data.base import RFTDataset, Split
 from ..detection import ID_REFERENCES, SCORES, detection_metrics, detection_scores
 from ..evaluate import encode_split
+from ..metrics import FPR_CONVENTIONS
 from ..models import ClipModel, class_prompts, encode_class_prompts, save_checkpoint
 from ..schedule import lr_at
 from ..task import Batch, Task
@@ -152,6 +153,7 @@ class Config:
     knn_bank_per_class: int | None = None  # cap of bank features per class (None: all train features)
     detection_id_split: str = "id_test"  # the in-distribution reference split for detection
     id_reference: str = "all"        # "all" ID samples, or only correctly classified ones (paper)
+    fpr_convention: str = "exact"    # FPR95's threshold: "exact" order statistic or the release's "percentile"
     open_set: str | None = None      # extra OOD dataset "name" or "name:root" (e.g. "folder:/data/dtd")
     open_set_split: str | None = None  # its split to use (None: every split)
     export_classifier: bool = True   # write <out_dir>/classifier.safetensors (plain CLIP + head)
@@ -185,6 +187,7 @@ def resolve_mode(cfg: Config) -> Config:
     _check_choice("energy_form", cfg.energy_form, ENERGY_FORMS)
     _check_choice("edr_reduction", cfg.edr_reduction, EDR_REDUCTIONS)
     _check_choice("id_reference", cfg.id_reference, ID_REFERENCES)
+    _check_choice("fpr_convention", cfg.fpr_convention, FPR_CONVENTIONS)
     for kind in (*cfg.scores, cfg.score):
         _check_choice("score", kind, SCORES)
     if cfg.gen_steps < 0 or cfg.knn_k < 1:
@@ -628,7 +631,7 @@ def run_detection(ctx: RunContext, cfg: Config, classifier: CroftClassifier,
     frame = detection_scores(classifier, ctx.dataset.split(cfg.detection_id_split), ood, ctx.spec,
                              kinds=kinds, temperature=cfg.energy_temperature, id_reference=cfg.id_reference,
                              device=ctx.device)
-    metrics = detection_metrics(frame)
+    metrics = detection_metrics(frame, fpr_convention=cfg.fpr_convention)
     for split, values in metrics.items():
         ctx.log(split, "openset", values, epoch=epoch)
     return metrics
