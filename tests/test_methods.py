@@ -204,3 +204,19 @@ def test_contrastive_methods_refuse_gradient_accumulation(method):
 def test_fine_tuning_clips_gradients_at_one_on_real_data_as_wise_ft_does(dataset):
     for method in ("finetune", "lpft"):
         assert get_config(method, dataset).train.grad_clip == 1.0
+
+
+def test_the_linear_probe_chooses_c_on_held_out_training_data_without_an_id_validation_split(data):
+    """ImageNet's preset: no ID validation split, so C is chosen on a seeded tenth of train and the
+    probe is refit on all of it (never chosen on the data it is fit on, never on test)."""
+    from rftlib.methods.linear_probe import holdout_rows
+
+    fit_rows, held = holdout_rows(100, 0.1, seed=0)
+    assert len(held) == 10 and not set(fit_rows) & set(held) and len(fit_rows) + len(held) == 100
+    assert (holdout_rows(100, 0.1, seed=0)[1] == held).all() and not (holdout_rows(100, 0.1, seed=1)[1] == held).all()
+    assert get_config("linear_probe", "imagenet").select_split is None
+    result = run_method("linear_probe", data=data, clip=tiny_clip(), overrides={"select_split": None,
+                                                                                 "C_grid": [0.1, 10.0]})
+    assert [row["C"] for row in result.extra["sweep"]] == [0.1, 10.0] and result.extra["C"] in (0.1, 10.0)
+    with pytest.raises(ValueError, match="holdout=1.5"):
+        get_config("linear_probe", "synthwild", {"holdout": 1.5})

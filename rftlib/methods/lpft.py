@@ -39,8 +39,7 @@ PRESETS = {
 
 
 def run(ctx: RunContext, cfg: Config) -> RunResult:
-    probe_cfg = linear_probe.Config(C_grid=cfg.C_grid, max_iter=cfg.max_iter, select_split=cfg.train.select_split
-                                    or "train")
+    probe_cfg = linear_probe.Config(C_grid=cfg.C_grid, max_iter=cfg.max_iter, select_split=cfg.train.select_split)
     head, report = linear_probe.fit_probe(ctx, probe_cfg)
     ft_cfg = finetune.Config(train=cfg.train, label_smoothing=cfg.label_smoothing)
     result = finetune.train_classifier(ctx, head, ft_cfg)
