@@ -165,7 +165,13 @@ def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def center_view(image: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIP's eval transform on ``uint8`` (..., 3, H, W): shorter side to ``size``, centre crop."""
+    """CLIP's eval transform on ``uint8`` (..., 3, H, W): shorter side to ``size``, centre crop.
+
+    The geometry is open_clip's (torchvision ``Resize`` + ``CenterCrop``) exactly, tested on awkward
+    sizes; the resampling is torch's uint8 bicubic with antialias instead of PIL's bicubic: on
+    photo-like images the two differ by at most 1 level and by 0.004 levels on average, against
+    2.8-9.5 levels for a one-pixel crop shift (``tests/test_eval_transform.py``).
+    """
     height, width = image.shape[-2:]
     new_h, new_w = resize_geometry(height, width, size)
     if (new_h, new_w) != (height, width):
