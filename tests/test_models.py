@@ -99,6 +99,37 @@ def test_checkpoint_round_trip_and_stock_open_clip_reload(tiny, tmp_path):
         assert torch.allclose(stock.encode_image(x), tiny.model.encode_image(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "openai-shaped"])
+def test_stock_open_clip_rebuilds_an_export_from_its_recipe_with_identical_logits(quick_gelu, tmp_path):
+    """An export says how stock open_clip must build it: with OpenAI-shaped (QuickGELU) weights the
+    plain architecture name gives other features, the exported config gives identical logits."""
+    torch.manual_seed(0)
+    clip = load_clip("rft-tiny", None, force_quick_gelu=quick_gelu)
+    head = build_zeroshot_head(clip, CLASSES, ["a photo of a {}."])
+    path = save_checkpoint(tmp_path / "m", classifier_state(clip, head), clip=clip, classnames=CLASSES)
+    exported = export_open_clip_weights(path, tmp_path / "export.safetensors")
+    sidecar = json.loads(exported.with_suffix(".json").read_text())
+    assert sidecar["quick_gelu"] is quick_gelu and sidecar["open_clip_model_name"] is None  # not a stock arch
+    namespace = {"open_clip": open_clip}
+    exec("\n".join(sidecar["load_recipe"]), namespace)  # the two lines the sidecar prints
+    stock = namespace["model"].eval()
+    x, tokens = torch.randn(2, 3, 32, 32), clip.tokenizer(["a photo of a zarvok.", "a photo of a red round animal."])
+    with torch.no_grad():
+        ours = clip.model.encode_image(x) @ clip.model.encode_text(tokens).T
+        theirs = stock.encode_image(x) @ stock.encode_text(tokens).T
+        assert torch.allclose(theirs, ours, atol=1e-5)
+        plain = open_clip.create_model("rft-tiny", pretrained=str(exported)).eval()  # the architecture name alone
+        assert torch.allclose(plain.encode_image(x), clip.model.encode_image(x), atol=1e-5) is not quick_gelu
+
+
+def test_stock_names_of_openai_shaped_architectures():
+    from rftlib.models.checkpoint import stock_model_name
+
+    assert stock_model_name("ViT-B-16", quick_gelu=True) == "ViT-B-16-quickgelu"
+    assert stock_model_name("ViT-B-16", quick_gelu=False) == "ViT-B-16"
+    assert stock_model_name("synthclip", quick_gelu=False) is None
+
+
 def test_checkpoint_mismatch_names_the_field(tiny, tmp_path):
     path = save_checkpoint(tmp_path / "m", classifier_state(tiny), clip=tiny, classnames=CLASSES)
     with pytest.raises(CheckpointMismatchError, match="classnames.*entry 1"):

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..atomic import write_atomically
+from ..atomic import write_atomically, write_text_atomically
 from .heads import ImageClassifier, ZeroShotHead
-from .loading import ClipModel, check_weights, load_clip, read_safetensors
+from .loading import PROJECT_MODELS, ClipModel, check_weights, load_clip, read_safetensors
 from .sidecar import CorruptCheckpointError, check_sidecar, read_sidecar, write_sidecar
 
 LEGACY_NON_FLOAT_SUFFIXES = ("num_batches_tracked", "position_ids")
@@ -145,16 +145,52 @@ def load_classifier(
 
 
 def export_open_clip_weights(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the CLIP part of a checkpoint as a plain safetensors file for stock open_clip.
+    """Write the CLIP part of a checkpoint as a plain safetensors file for stock open_clip, with
+    what stock open_clip needs to build the same network.
 
-    ``open_clip.create_model(architecture, pretrained=str(out))`` then loads it.
+    The weights alone are not enough: a model built from OpenAI weights uses QuickGELU, but
+    ``open_clip.create_model(arch, pretrained=file)`` builds plain GELU without a warning (image
+    features off by ~0.05). So the export also writes, next to ``out``:
+
+    * ``<out stem>-open_clip.json``: the model's open_clip config with its activation
+      (``quick_gelu``), which ``open_clip.add_model_config(<that file>)`` registers under the name
+      ``<out stem>-open_clip`` -- the one recipe that works for every architecture, project models
+      (synthclip, rft-tiny) included;
+    * ``out``'s sidecar (``<out>.json``): the architecture, ``quick_gelu``, the stock model name
+      for open_clip's own architectures (``ViT-B-16-quickgelu`` for OpenAI-shaped weights) and the
+      two lines that load it (``load_recipe``).
+
+    Returns:
+        ``out``.
     """
     from safetensors.torch import save_file
 
-    state, _ = load_checkpoint(path)
+    state, sidecar = load_checkpoint(path)
     out = Path(out)
     save_file({k: v for k, v in state.items() if not k.startswith("head.")}, str(out))
+    quick_gelu = bool(sidecar.get("quick_gelu"))
+    name = f"{out.stem}-open_clip"
+    config = out.with_name(f"{name}.json")
+    write_text_atomically(config, json.dumps({**sidecar["model_config"], "quick_gelu": quick_gelu}, indent=1))
+    recipe = [f"open_clip.add_model_config({str(config)!r})",
+              f"model = open_clip.create_model({name!r}, pretrained={str(out)!r})"]
+    write_sidecar(out, {"architecture": sidecar["architecture"], "quick_gelu": quick_gelu,
+                        "open_clip_model_name": stock_model_name(sidecar["architecture"], quick_gelu),
+                        "open_clip_config": config.name, "load_recipe": recipe})
     return out
+
+
+def stock_model_name(architecture: str, quick_gelu: bool) -> str | None:
+    """The name stock open_clip knows this network by (``ViT-B-16-quickgelu`` for OpenAI-shaped
+    weights), or None for an architecture it does not ship (project models: use the exported config)."""
+    import open_clip
+
+    if architecture in PROJECT_MODELS:
+        return None
+    known = set(open_clip.list_models())
+    base = architecture.removesuffix("-quickgelu")
+    name = f"{base}-quickgelu" if quick_gelu else base
+    return name if name in known else None
 
 
 # --------------------------------------------------------------------------------------------------
