@@ -21,6 +21,7 @@ from rftlib.methods.drm import (
     dual_logits,
     soft_labels,
 )
+from rftlib.models import build_zeroshot_head
 from rftlib.results import load
 from rftlib.task import Batch
 
@@ -251,3 +252,20 @@ def test_prepare_script_adopts_a_checked_file_and_refuses_a_wrong_one(tmp_path):
                         str(DRM_DATA / "prompts" / "iwildcam_cd.json")]) == 0
     assert len(json.loads(description_file(root, "iwildcam").read_text())) == 182
     assert script.main(["iwildcam", "--root", str(root)]) == 0  # verify only
+
+
+def test_the_released_df_head_uses_one_template_per_dataset(data):
+    """Training captions keep the dataset's templates; the evaluated df head uses ``head_templates``
+    (the released evaluation's one template on iWildCam, FMoW and ImageNet)."""
+    from rftlib.methods import get_config
+
+    assert get_config("drm", "iwildcam").head_templates == ("a photo of {}.",)
+    assert get_config("drm", "fmow").head_templates == ("satellite photo of a {}.",)
+    assert get_config("drm", "imagenet").head_templates == ("a good photo of the {}.",)
+    assert get_config("drm", "synthwild").head_templates is None
+    clip = tiny_clip()
+    cfg = get_config("drm", "synthwild", {"head_templates": ["a {} in the grass."]})
+    targets = torch.full((len(data.split("train")), data.num_classes), 1.0 / data.num_classes)
+    task = DRMTask(clip, data.classnames, data.templates, data.descriptions, targets, cfg)
+    expected = build_zeroshot_head(clip, data.classnames, ["a {} in the grass."])
+    assert torch.allclose(task.classifier().df_head.weight, expected.weight, atol=1e-6)

@@ -43,9 +43,13 @@ embeddings (the released FMoW evaluation passes the list itself to the tokenizer
 Knobs: ``train``; ``lam`` (the trade-off; the paper ablates it, its values are not known here);
 ``affinity_axis``; ``cd_classes``; ``beta`` and ``betas`` (the sweep grid); ``descriptions`` (a DRM
 JSON file; None: the dataset's own, e.g. synthwild's; ``description_variants`` uses synthwild's three
-paraphrases per class); ``templates`` (default-template prompts; None: the dataset's). Presets:
-``iwildcam``/``fmow``/``imagenet`` use FLYP's README recipes, which DRM builds on; ``lam=1`` and the
-normalisation axis are *not* from released code. ``synthwild`` is a CPU recipe of a couple of minutes.
+paraphrases per class); ``templates`` (default-template captions; None: the dataset's);
+``head_templates`` (the df head's templates at evaluation; None: ``templates``). Presets:
+``iwildcam``/``fmow``/``imagenet`` use FLYP's README recipes, which DRM builds on, and the released
+evaluation's one df template per dataset (``a photo of {}.``, ``satellite photo of a {}.``, ``a good
+photo of the {}.``); ``lam=1`` and the normalisation axis are *not* from released code.
+``synthwild`` is a CPU recipe of a couple of minutes. Not done yet: WiSE-FT over a DRM checkpoint
+rebuilds only a default-prompt head (it drops the cd head and the beta mix).
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ class Config:
     betas: tuple[float, ...] = DEFAULT_BETAS  # the beta grid of the post-hoc sweep
     descriptions: str | None = None   # DRM concept-description JSON; None: the dataset's own, else the prepared file
     description_variants: bool = False  # use dataset.info["description_variants"] (several per class)
-    templates: tuple[str, ...] | None = None  # default-template prompts (captions + df head); None: the dataset's
+    templates: tuple[str, ...] | None = None  # default-template captions (and df head); None: the dataset's
+    head_templates: tuple[str, ...] | None = None  # df head's templates at evaluation; None: those of `templates`
 
     def __post_init__(self):
         refuse_accumulation(self.train, NAME)
@@ -116,6 +121,12 @@ class Config:
 # DRM trains FLYP-style with FLYP's recipes (the FLYP code's README) on every dataset, synthwild's CPU
 # preset included; lam and the affinity axis are not from released code
 PRESETS = {name: dict(preset) for name, preset in FLYP_PRESETS.items()}
+# the released evaluation builds the df head from one template per dataset (FMoW keeps the raw,
+# underscored class names); training captions keep the dataset's templates, as FLYP
+RELEASED_HEAD_TEMPLATES = {"iwildcam": ("a photo of {}.",), "fmow": ("satellite photo of a {}.",),
+                           "imagenet": ("a good photo of the {}.",)}
+for _name, _templates in RELEASED_HEAD_TEMPLATES.items():
+    PRESETS[_name]["head_templates"] = _templates
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +317,8 @@ class DRMTask(FlypTask):
                 "logit_scale": scale.detach()}
 
     def classifier(self) -> nn.Module:
-        return build_dual_classifier(self.clip, self.classnames, self.templates, self.descriptions, self.drm.beta)
+        head_templates = list(self.drm.head_templates or self.templates)
+        return build_dual_classifier(self.clip, self.classnames, head_templates, self.descriptions, self.drm.beta)
 
 
 def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]:
