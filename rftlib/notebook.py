@@ -231,10 +231,12 @@ def drm_beta_fn(result, session: Session):
 
 def croft_scores(result, session: Session, *, kind: str = "energy", id_split: str = "id_test",
                  ood_split: str = "openset") -> pd.DataFrame:
-    """Per-example open-set detection scores of a CRoFT run (ID test vs held-out classes)."""
+    """Per-example open-set detection scores of a CRoFT run (ID test vs held-out classes), with the
+    run's own ID reference (e.g. only correctly classified ID samples, as CRoFT's release)."""
     from .data.pipeline import ImageSpec
     from .detection import detection_scores
 
     data = session.load_data()
     return detection_scores(result.classifier, data.split(id_split), {ood_split: data.split(ood_split)},
-                            ImageSpec.of(result.clip), kinds=(kind,), device=session.device)
+                            ImageSpec.of(result.clip), kinds=(kind,), device=session.device,
+                            id_reference=result.config.id_reference)

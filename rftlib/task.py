@@ -11,7 +11,7 @@ What the loop reads and calls, and when:
   its architecture facts go into every checkpoint sidecar, and ``grad_checkpointing`` switches on
   its towers' activation recomputation), ``method_name`` (progress label and sidecar) and
   ``method_config`` (the resolved config, stored in every sidecar);
-* once before training: :meth:`Task.param_groups` builds AdamW's groups; under ``torchrun``
+* once before training: :meth:`Task.param_groups` builds the optimizer's groups; under ``torchrun``
   :meth:`Task.ddp_kwargs` adds options to the ``DistributedDataParallel`` wrapper; when resuming,
   :meth:`Task.load_checkpoint_state` receives the last checkpoint's weights;
 * every micro-step: :meth:`Task.training_step` -- a :class:`Batch` in, a dict with ``loss`` (+
@@ -125,5 +125,6 @@ class Task(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups. Default, as in WiSE-FT/FLYP: decay on every trainable tensor."""
+        """The optimizer's parameter groups (decoupled decay under AdamW, L2 under SGD). Default, as
+        in WiSE-FT/FLYP: decay on every trainable tensor."""
         return [{"params": list(self.trainable_parameters()), "weight_decay": weight_decay}]

@@ -1,10 +1,11 @@
 """The one shared training loop.
 
-:func:`fit` trains any :class:`rftlib.task.Task` with AdamW (fused on CUDA) and the per-step
-warmup+cosine schedule of :mod:`rftlib.schedule`; optional gradient clipping, accumulation and
-gradient checkpointing; bf16 autocast on CUDA (fp32 on CPU); DDP under ``torchrun``; evaluation on the ID
-validation split after every epoch with model selection on it (never on test); and crash-safe
-checkpoints with exact resume.
+:func:`fit` trains any :class:`rftlib.task.Task` with AdamW (the default; fused on CUDA) or SGD with
+momentum (CRoFT's Dassl recipe; :func:`build_optimizer`) under a schedule of :mod:`rftlib.schedule`
+(per-step warmup + cosine by default, or Dassl's per-epoch cosine after constant warm-up epochs);
+optional gradient clipping, accumulation and gradient checkpointing; bf16 autocast on CUDA (fp32 on
+CPU); DDP under ``torchrun``; evaluation on the ID validation split after every epoch with model
+selection on it (never on test); and crash-safe checkpoints with exact resume.
 
 Data order is a pure function of ``(seed, epoch)``: epoch ``e`` visits a fixed permutation of the
 training split in global batches of ``batch_size`` (the last incomplete batch is dropped); with
@@ -53,7 +54,7 @@ from .data.train_input import StepLayout, TrainInput
 from .evaluate import autocast_for, evaluate
 from .models.checkpoint import load_checkpoint, load_train_state, read_latest, save_checkpoint
 from .progress import progress
-from .schedule import MIN_LR_MODES, lr_at
+from .schedule import MIN_LR_MODES, SCHEDULES, schedule_for
 from .task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,13 @@ class TrainConfig:
     epochs: int = 3                 # passes over the training split
     batch_size: int = 128           # global batch per optimiser step (all ranks, all micro-steps)
     lr: float = 1e-5                # peak learning rate
-    weight_decay: float = 0.1       # AdamW decoupled decay (applied to all trainable tensors)
-    warmup_steps: int = 500         # linear warmup steps (clipped to the run length)
+    optimizer: str = "adamw"        # "adamw" (WiSE-FT/FLYP; fused on CUDA) | "sgd" (with momentum: CRoFT/Dassl)
+    momentum: float = 0.9           # SGD momentum (no Nesterov, no dampening; ignored by AdamW)
+    weight_decay: float = 0.1       # on the task's param_groups: AdamW's decoupled decay, SGD's coupled L2 term
+    schedule: str = "cosine"        # "cosine": per-step warmup + cosine | "epoch_cosine": Dassl's per-epoch cosine
+    warmup_steps: int = 500         # cosine: linear warmup steps (clipped to the run length)
+    warmup_epochs: int = 1          # epoch_cosine: epochs at the constant warmup_lr before the cosine
+    warmup_lr: float = 1e-5         # epoch_cosine: the constant warm-up learning rate (Dassl's WARMUP_CONS_LR)
     min_lr: float = 0.0             # learning-rate floor; see min_lr_mode
     min_lr_mode: str = "flyp"       # "flyp": cosine*lr + min_lr; "floor": cosine from lr to min_lr
     grad_clip: float | None = None  # global gradient-norm clip (WiSE-FT uses 1.0; FLYP none)
@@ -94,9 +100,10 @@ class TrainConfig:
         return Augment(self.augment, tuple(self.crop_scale))
 
 
+OPTIMIZERS = ("adamw", "sgd")
 _LOWEST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "eval_batch_size": 1, "warmup_steps": 0, "seed": 0,
-           "checkpoint_every": 0, "keep_checkpoints": 0}  # the integer settings and their lowest valid value
-_RATES = ("lr", "weight_decay", "min_lr")                 # real settings >= 0
+           "checkpoint_every": 0, "keep_checkpoints": 0, "warmup_epochs": 0}  # integer settings, lowest valid value
+_RATES = ("lr", "weight_decay", "min_lr", "warmup_lr")  # real settings >= 0
 _SWITCHES = ("amp", "eval_amp", "grad_checkpointing", "restore_best")
 
 
@@ -114,8 +121,12 @@ def _check_train_config(cfg: TrainConfig) -> None:
     for name in _SWITCHES:
         if not isinstance(values[name], bool):
             raise ValueError(f"{name}={values[name]!r} is invalid: it must be true or false")
-    if cfg.min_lr_mode not in MIN_LR_MODES:
-        raise ValueError(f"unknown min_lr_mode {cfg.min_lr_mode!r}; valid: {', '.join(MIN_LR_MODES)}")
+    if isinstance(cfg.momentum, bool) or not isinstance(cfg.momentum, numbers.Real) or not 0 <= cfg.momentum < 1:
+        raise ValueError(f"momentum={cfg.momentum!r} is invalid: it must be a number in [0, 1)")
+    for name, value, valid in (("optimizer", cfg.optimizer, OPTIMIZERS), ("schedule", cfg.schedule, SCHEDULES),
+                               ("min_lr_mode", cfg.min_lr_mode, MIN_LR_MODES)):
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
     if not (cfg.select_split is None or isinstance(cfg.select_split, str)):
         raise ValueError(f"select_split={cfg.select_split!r} is invalid: it must be a split name or null")
     if not isinstance(cfg.eval_splits, (list, tuple)) or not all(isinstance(n, str) for n in cfg.eval_splits):
@@ -242,13 +253,13 @@ def fit(
     train = dataset.split("train")
     layout = StepLayout(len(train), cfg.batch_size, info.world_size, info.rank, cfg.accum_steps, cfg.seed)
     total = cfg.epochs * layout.steps_per_epoch
-    warmup = min(cfg.warmup_steps, total)
+    lr_of = schedule_for(cfg, layout.steps_per_epoch)
     source = TrainInput(train, spec.size, layout, cfg.augmentation(), settings, pin_memory=device.type == "cuda")
 
     task.to(device)
     if cfg.grad_checkpointing and hasattr(task.clip.model, "set_grad_checkpointing"):
         task.clip.model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(task.param_groups(cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
+    opt = build_optimizer(task, cfg, device)
     runner: nn.Module = task
     if info.enabled:
         runner = nn.parallel.DistributedDataParallel(task, **ddp_options(task, device))
@@ -280,7 +291,7 @@ def fit(
     try:
         for step, micro_batches in zip(bar, batches):
             epoch = step // layout.steps_per_epoch
-            lr = lr_at(step, base=cfg.lr, warmup=warmup, total=total, min_lr=cfg.min_lr, mode=cfg.min_lr_mode)
+            lr = lr_of(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             scalars = _optimizer_step(runner, task, opt, micro_batches, spec, device, cfg, step, epoch, uneven,
@@ -318,6 +329,22 @@ def fit(
                      out / "best.safetensors" if out and best["epoch"] is not None else None, last_path)
 
 
+def build_optimizer(task: Task, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.optimizer`` names over ``task.param_groups(cfg.weight_decay)``.
+
+    ``adamw``: ``torch.optim.AdamW`` (decoupled decay; fused on CUDA). ``sgd``: ``torch.optim.SGD``
+    with ``cfg.momentum`` (no dampening, no Nesterov) and each group's ``weight_decay`` as SGD's
+    coupled L2 term (``g + wd * w``), as Dassl builds it for CoOp and CRoFT. The learning rate is set
+    by the loop before every step (:func:`rftlib.schedule.schedule_for`).
+    """
+    groups = task.param_groups(cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0, nesterov=False)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
 def require_finite_weights(task: Task, step: int, last_path: Path | None) -> None:
     """Refuse to evaluate or checkpoint weights that are not finite: the error names the last
     checkpoint that is (every saved checkpoint passed this check), so a resume never starts from NaN.
@@ -351,7 +378,7 @@ def _emitter(callbacks: Sequence[Callback]) -> Callable[[Event], None]:
 
 
 def _optimizer_step(runner, task, opt, micro_batches, spec, device, cfg, step, epoch, uneven, last_path):
-    """Forward/backward over this rank's accumulation micro-steps, then one AdamW step.
+    """Forward/backward over this rank's accumulation micro-steps, then one optimiser step.
 
     The logged scalars stay on the device until one all-reduce (over ranks) and one host copy at the
     end of the step; a non-finite mean loss raises on every rank before the weights change.

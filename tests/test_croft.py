@@ -285,3 +285,66 @@ def test_ddp_two_processes_train_exactly_like_one(tmp_path):
     single, ddp = run_single_and_two_ranks(DDP_SCRIPT, tmp_path, "faithful")
     assert not torch.equal(single["croft.image_adapter"], torch.eye(len(single["croft.image_adapter"])))
     assert all(torch.allclose(single[k], ddp[k], atol=1e-6) for k in single)
+
+
+def test_real_data_presets_train_with_the_released_recipe():
+    """SGD (momentum 0.9, coupled decay 0.1) at lr 0.002, batch 32, 30 epochs, cosine per epoch after
+    one warm-up epoch at 1e-5; synthwild keeps its AdamW CPU recipe."""
+    for dataset in ("imagenet", "domains", "iwildcam", "fmow", "folder"):
+        t = get_config("croft", dataset).train
+        assert (t.optimizer, t.momentum, t.lr, t.weight_decay) == ("sgd", 0.9, 2e-3, 0.1)
+        assert (t.batch_size, t.epochs) == (32, 30)
+        assert (t.schedule, t.warmup_epochs, t.warmup_lr) == ("epoch_cosine", 1, 1e-5)
+        assert get_config("croft", dataset).gen_lr == t.lr
+    t = get_config("croft", "synthwild").train
+    assert (t.optimizer, t.schedule) == ("adamw", "cosine")
+
+
+def test_inner_generator_steps_follow_the_loops_schedule():
+    """With gen_lr = lr the inner steps run at the loop's learning rates, warm-up epoch included."""
+    from rftlib.methods.croft import _gen_schedule
+
+    gen = _gen_schedule(get_config("croft", "imagenet"), steps_per_epoch=10)
+    assert [gen(step) for step in (0, 9, 10, 19)] == pytest.approx([1e-5, 1e-5, 2e-3, 2e-3])
+    assert gen(20) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 30)))
+
+
+def test_setup_i_without_shots_is_flagged(caplog):
+    from types import SimpleNamespace
+
+    from rftlib.methods.croft import note_setup_data
+
+    with caplog.at_level("WARNING", logger="rftlib.methods.croft"):
+        assert note_setup_data(SimpleNamespace(name="imagenet", options={}))
+    assert "shots=16" in caplog.text
+    assert not note_setup_data(SimpleNamespace(name="imagenet", options={"shots": 16, "shots_seed": 1}))
+    assert not note_setup_data(SimpleNamespace(name="synthwild", options={}))
+
+
+def test_detection_reference_is_the_correctly_classified_id_samples_by_default(data):
+    """As the release: the ID reference (threshold, AUROC positives) is the ID split's correctly
+    classified samples; ``id_reference="all"`` keeps every one."""
+    from types import SimpleNamespace
+
+    from rftlib.methods.croft import Config, run_detection
+
+    assert Config().id_reference == "correct"
+    clip = tiny_clip()
+    classifier = make_task(clip, data).classifier()
+    spec = ImageSpec.of(clip)
+    logged = []
+    ctx = SimpleNamespace(dataset=data, spec=spec, device=torch.device("cpu"),
+                          log=lambda split, role, values, epoch=None: logged.append((split, role)))
+    cfg = dataclasses.replace(get_config("croft", "synthwild"), scores=(), score="energy")
+    got = run_detection(ctx, cfg, classifier)
+    assert logged == [("openset", "openset")]
+    id_test, ood = data.split("id_test"), {"openset": data.split("openset")}
+    frames = {ref: detection_scores(classifier, id_test, ood, spec, id_reference=ref) for ref in ("correct", "all")}
+    with torch.no_grad():
+        correct = int((classifier(images_of(data, clip, "id_test", n=len(id_test))[0]).argmax(1).numpy()
+                       == id_test.labels).sum())
+    assert (~frames["correct"].is_ood).sum() == correct < len(id_test)  # the comparison is not vacuous
+    assert got == detection_metrics(frames["correct"])
+    assert got != detection_metrics(frames["all"])
+    everything = run_detection(ctx, dataclasses.replace(cfg, id_reference="all"), classifier)
+    assert everything == detection_metrics(frames["all"])

@@ -18,9 +18,9 @@ from rftlib.data.pipeline import ImageSpec
 from rftlib.methods.finetune import FinetuneTask
 from rftlib.models import build_zeroshot_head, load_clip
 from rftlib.results import ResultsStore, load
-from rftlib.schedule import lr_at
+from rftlib.schedule import epoch_lr_at, lr_at, schedule_for
 from rftlib.task import Batch, Task
-from rftlib.train import NonFiniteLossError, TrainConfig, ddp_options, fit
+from rftlib.train import NonFiniteLossError, TrainConfig, build_optimizer, ddp_options, fit
 
 from .fakes import write_image_folder
 from .helpers import launch_two_ranks
@@ -43,6 +43,120 @@ def test_schedule_values():
     assert lr_at(110, **kw, min_lr=0.1, mode="floor") == pytest.approx(0.1)
     with pytest.raises(ValueError, match="valid modes"):
         lr_at(0, **kw, mode="nope")
+
+
+def test_epoch_cosine_schedule_values():
+    """Dassl's schedule (CoOp, CRoFT): constant warm-up epochs, then a per-epoch cosine of period
+    ``epochs`` restarted after the warm-up; every step of an epoch has the same lr. Hand-computed:
+    0.5 * (1 + cos(pi * k / 5)) = 1, 0.904508, 0.654508, 0.345492 for k = 0..3."""
+    cfg = TrainConfig(schedule="epoch_cosine", lr=2e-3, epochs=5, warmup_epochs=1, warmup_lr=1e-5)
+    lr_of = schedule_for(cfg, steps_per_epoch=3)
+    table = [1e-5, 2e-3, 1.809017e-3, 1.309017e-3, 0.690983e-3]
+    assert [lr_of(step) for step in range(15)] == pytest.approx([lr for lr in table for _ in range(3)], rel=1e-6)
+    # two warm-up epochs shift the cosine by one epoch; min_lr works as in the step schedule
+    assert [epoch_lr_at(e, base=1.0, epochs=4, warmup_epochs=2, warmup_lr=0.01) for e in range(4)] == \
+        pytest.approx([0.01, 0.01, 1.0, 0.5 * (1 + math.cos(math.pi / 4))])
+    assert epoch_lr_at(2, base=1.0, epochs=4, warmup_epochs=0, min_lr=0.1, mode="floor") == pytest.approx(0.55)
+    assert epoch_lr_at(0, base=1.0, epochs=4, warmup_epochs=0) == 1.0  # no warm-up: the cosine's start
+    # the default per-step schedule is what it was
+    step_cfg = TrainConfig(lr=1.0, epochs=11, warmup_steps=10)
+    assert [schedule_for(step_cfg, 10)(t) for t in (0, 9, 60, 109)] == \
+        [lr_at(t, base=1.0, warmup=10, total=110) for t in (0, 9, 60, 109)]
+
+
+class _DasslConstantWarmup(torch.optim.lr_scheduler.LRScheduler):
+    """Dassl's ``ConstantWarmupScheduler`` (dassl/optim/lr_scheduler.py) around its successor."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+
+@pytest.mark.parametrize("warmup_epochs", [1, 2])
+def test_epoch_cosine_matches_dassls_schedulers(warmup_epochs):
+    """Dassl's build_lr_scheduler for CoOp/CRoFT configs (cosine, constant warm-up, WARMUP_RECOUNT),
+    stepped after the last batch of every epoch: the lr each epoch runs at."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3, momentum=0.9)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30.0)
+    scheduler = _DasslConstantWarmup(opt, cosine, warmup_epochs, 1e-5)
+    dassl = []
+    for _ in range(30):
+        dassl.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    ours = [epoch_lr_at(e, base=2e-3, epochs=30, warmup_epochs=warmup_epochs, warmup_lr=1e-5) for e in range(30)]
+    assert ours == pytest.approx(dassl, rel=1e-9)
+
+
+class _Groups:
+    def __init__(self, weight):
+        self.weight = weight
+
+    def param_groups(self, weight_decay):
+        return [{"params": [self.weight], "weight_decay": weight_decay}]
+
+
+def test_optimizer_choice():
+    """AdamW (the default: decoupled decay) or SGD with momentum and coupled L2 decay, as Dassl's."""
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.5, momentum=0.9)
+    weight = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = build_optimizer(_Groups(weight), cfg, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["dampening"], group["weight_decay"]) == (0.9, False, 0.0, 0.5)
+    for _ in range(2):
+        weight.grad = torch.tensor([1.0])
+        opt.step()
+    # step 1: buf = 1 + 0.5 * 2 = 2, w = 2 - 0.1 * 2 = 1.8; step 2: buf = 0.9 * 2 + (1 + 0.5 * 1.8) = 3.7
+    assert weight.item() == pytest.approx(1.8 - 0.1 * 3.7)
+    adamw = build_optimizer(_Groups(torch.nn.Parameter(torch.ones(1))), TrainConfig(), torch.device("cpu"))
+    assert type(adamw) is torch.optim.AdamW and not adamw.defaults["fused"]
+
+
+def test_sgd_and_epoch_cosine_resume_exactly(tmp_path):
+    """A run stopped mid-epoch and resumed from its last checkpoint (SGD's momentum buffers in the
+    train state) ends with the same weights as an uninterrupted one; the loop runs the per-epoch
+    schedule (one lr per epoch)."""
+    data = get_dataset("synthwild", size="tiny", cache=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, schedule="epoch_cosine", warmup_epochs=1,
+                      warmup_lr=0.01, checkpoint_every=4, restore_best=False, select_split=None, eval_splits=())
+
+    def train(out, callbacks=()):
+        torch.manual_seed(0)
+        clip = load_clip("rft-tiny", None)
+        task = FinetuneTask(clip, build_zeroshot_head(clip, data.classnames, data.templates))
+        fit(task, data, cfg, spec=ImageSpec.of(clip), out_dir=out, callbacks=callbacks)
+        return task.checkpoint_state()
+
+    lrs = []
+    clean = train(tmp_path / "clean", [lambda e: lrs.append(e.data["lr"]) if e.kind == "step" else None])
+    assert lrs == [0.01] * 6 + [0.05] * 6  # 200 images, batch 32: 6 steps per epoch
+
+    def stop(event):
+        if event.kind == "step" and event.step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", [stop])
+    assert json.loads((tmp_path / "resumed" / "latest.json").read_text())["step"] == 8
+    state = torch.load(tmp_path / "resumed" / "state-00000008.pt", weights_only=True)
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    steps = []
+    resumed = train(tmp_path / "resumed", [lambda e: steps.append(e.step) if e.kind == "step" else None])
+    assert steps[0] == 9  # it went on from step 8, not from the start
+    assert clean.keys() == resumed.keys() and all(torch.equal(clean[k], resumed[k]) for k in clean)
 
 
 def _run(args, env=None, **kw):
@@ -184,6 +298,11 @@ def test_bad_batch_and_split_settings_fail_clearly():
     ({"grad_clip": float("nan")}, "grad_clip=nan is invalid"),
     ({"amp": "yes"}, "amp='yes' is invalid"),
     ({"min_lr_mode": "linear"}, "valid: flyp, floor"),
+    ({"optimizer": "adam"}, "unknown optimizer 'adam'; valid: adamw, sgd"),
+    ({"schedule": "step"}, "unknown schedule 'step'; valid: cosine, epoch_cosine"),
+    ({"momentum": 1.0}, r"momentum=1.0 is invalid: it must be a number in \[0, 1\)"),
+    ({"warmup_epochs": -1}, "warmup_epochs=-1 is invalid"),
+    ({"warmup_lr": float("inf")}, "warmup_lr=inf is invalid"),
     ({"eval_splits": "id_val"}, "must be a list of split names"),
 ])
 def test_train_config_refuses_bad_settings_where_they_are_set(setting, message):

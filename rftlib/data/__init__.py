@@ -8,6 +8,9 @@
 * ``domains`` -- PACS/VLCS-style ``root/<domain>/<class>/<image>`` folders, leave-one-domain-out.
 * ``folder`` -- a user's own data: ``root/<split>/<class>/<image>`` or a CSV.
 
+Every dataset also takes ``shots=k`` (and ``shots_seed=s``): ``k`` training images per class,
+seeded (:mod:`rftlib.data.fewshot`); ``--data-option shots=16`` on the command line.
+
 Adapters are imported lazily so that, e.g., ``wilds`` is only needed for the WILDS datasets.
 """
 
@@ -26,6 +29,7 @@ from .base import (
     RFTDataset,
     Split,
 )
+from .fewshot import apply_few_shot, pop_few_shot
 
 DATASETS: Registry[str] = Registry("dataset")
 for _name, _target in {
@@ -58,17 +62,22 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> R
     Args:
         name: one of :func:`list_datasets` (case-insensitive).
         root: data directory (default :func:`default_data_root`); for ``synthwild`` the cache dir.
-        **kwargs: adapter options (e.g. ``size="small"`` for synthwild, ``download=True`` for WILDS).
+        **kwargs: adapter options (e.g. ``size="small"`` for synthwild, ``download=True`` for WILDS),
+            and for every dataset ``shots=k`` / ``shots_seed=s``: keep ``k`` images per class of the
+            train split, drawn with seed ``s`` (default 0; :mod:`rftlib.data.fewshot`). Every option
+            but the I/O ones (:data:`IO_OPTIONS`) is recorded in ``dataset.options``.
 
     Raises:
         rftlib.registry.UnknownNameError: unknown name (the message lists the valid ones).
         DataNotFoundError: the data is missing (the message names the command that prepares it).
+        ValueError: a bad ``shots`` / ``shots_seed`` (before any data is read).
     """
+    sampling = pop_few_shot(kwargs)  # checked before anything loads
     module, func = DATASETS.get(name).split(":")
     loader = getattr(importlib.import_module(module), func)
     dataset = loader(root=Path(root) if root is not None else None, **kwargs)
     dataset.options = {k: v for k, v in kwargs.items() if k not in IO_OPTIONS}
-    return dataset
+    return apply_few_shot(dataset, sampling) if sampling is not None else dataset
 
 
 __all__ = [

@@ -104,6 +104,7 @@ def run_method(
     finally:
         ctx.folder.release()
     ctx.store.finish_run(ctx.run_id)
+    result.config = cfg
     return result
 
 

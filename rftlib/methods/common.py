@@ -189,6 +189,7 @@ class RunResult:
         checkpoint: the saved weights (``None`` if nothing was trained or saved).
         clip: the (possibly fine-tuned) CLIP.
         extra: method-specific outputs (a sweep table, the chosen C, masks, ...).
+        config: the resolved method config the run used.
     """
 
     run_id: str
@@ -199,6 +200,7 @@ class RunResult:
     checkpoint: Path | None = None
     clip: ClipModel | None = None
     extra: dict = field(default_factory=dict)
+    config: Any = None
 
     def table(self) -> pd.DataFrame:
         """Metrics as a split x metric table."""
