@@ -15,10 +15,21 @@ their numbers and axis titles from it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 Pairs = tuple[tuple[str, str], ...]
+
+HEADLINE_PREFERENCE = ("macro_f1", "accuracy")
+"""Metrics tried, in order, where nothing recorded which metric is a split's headline one (a plain
+sweep table, a first-release results store, a training curve)."""
+
+
+def preferred_metric(present: Iterable[str]) -> str | None:
+    """The first of :data:`HEADLINE_PREFERENCE` among ``present``, else the first metric present
+    (None when there is none)."""
+    names = [str(m) for m in dict.fromkeys(present)]
+    return next((m for m in HEADLINE_PREFERENCE if m in names), names[0] if names else None)
 
 
 @dataclass(frozen=True)

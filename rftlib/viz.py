@@ -41,7 +41,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import metrics as rmetrics
-from .axes import Axes
+from .axes import Axes, preferred_metric
 from .data.base import split_use
 from .knobs import KNOBS
 
@@ -54,8 +54,6 @@ __all__ = [
     "threshold_at_tpr", "training_curves",
 ]
 
-HEADLINE_PREFERENCE = ("macro_f1", "accuracy")
-"""Metrics tried, in order, when a training plot has to pick its headline metric itself."""
 
 EVENT_COLUMNS = ("kind", "step", "epoch", "split", "role", "metric", "value")
 """Columns of :func:`events_frame`."""
@@ -109,7 +107,7 @@ def sweep_axes(sweep: pd.DataFrame, metric: str | None = None, id_split: str | N
     """The :class:`~rftlib.axes.Axes` a sweep table is drawn with (``axes`` itself when given).
 
     Each split is read in its headline metric: the metric of its rows marked ``headline`` (a
-    run's sweep tables mark them), else the first of :data:`HEADLINE_PREFERENCE` it has. The ID
+    run's sweep tables mark them), else the first of :data:`rftlib.axes.HEADLINE_PREFERENCE` it has. The ID
     axis is ``id_test`` (else the first ID test split), the OOD axis the mean over the OOD test
     splits (WILDS' ``test``; every ImageNet shift); ``metric``, ``id_split`` and ``ood_split``
     override those choices.
@@ -127,8 +125,7 @@ def _split_metric(rows: pd.DataFrame) -> str:
     """One split's headline metric in a sweep table (marked rows first, then the preference)."""
     if "headline" in rows and rows["headline"].fillna(False).astype(bool).any():
         return str(rows.loc[rows["headline"].fillna(False).astype(bool), "metric"].iloc[0])
-    present = set(rows["metric"].dropna())
-    return next((m for m in HEADLINE_PREFERENCE if m in present), None) or sorted(present or {"accuracy"})[0]
+    return preferred_metric(rows["metric"].dropna()) or "accuracy"
 
 
 def id_ood_points(
@@ -384,7 +381,7 @@ def events_frame(events: Iterable[Any]) -> pd.DataFrame:
 
 
 def headline_metric(frame: pd.DataFrame) -> str | None:
-    """The metric a training plot shows per epoch: the first of :data:`HEADLINE_PREFERENCE` present.
+    """The metric a training plot shows per epoch: the first of :data:`rftlib.axes.HEADLINE_PREFERENCE` present.
 
     Args:
         frame: An :func:`events_frame`.
@@ -393,9 +390,7 @@ def headline_metric(frame: pd.DataFrame) -> str | None:
         A metric name, the first evaluated metric if none of the preferred ones is there, or None
         when nothing was evaluated.
     """
-    metrics = list(dict.fromkeys(frame.loc[frame["kind"] == "eval", "metric"]))
-    preferred = [m for m in HEADLINE_PREFERENCE if m in metrics]
-    return (preferred or metrics or [None])[0]
+    return preferred_metric(frame.loc[frame["kind"] == "eval", "metric"])
 
 
 def loss_trace(steps: Iterable[float], losses: Iterable[float]) -> go.Scatter:

@@ -36,7 +36,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import viz
-from .axes import Axes
+from .axes import Axes, preferred_metric
 
 log = logging.getLogger(__name__)
 
@@ -460,8 +460,7 @@ class LiveTrainingPlot:
     def _add_eval(self, event: Any) -> None:
         metrics = event.data.get("metrics", {})
         if self.metric is None:
-            preferred = [m for m in viz.HEADLINE_PREFERENCE if m in metrics]
-            self.metric = (preferred or list(metrics) or [None])[0]
+            self.metric = preferred_metric(metrics)
         if self.metric in metrics:
             epochs, values = self._evals.setdefault(str(event.data.get("split")), ([], []))
             epochs.append(event.epoch + 1)

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..axes import Axes, preferred_metric
 from ..data.base import split_use
 
 log = logging.getLogger(__name__)
 
-FALLBACK_METRICS = ("macro_f1", "accuracy")
-"""Headline metric tried, in order, for runs that did not record their splits' headline metrics."""
 GROUP = ["dataset", "model", "pretrained", "method"]
 """What one comparison entry is: a method (with its base) on a dataset with a backbone."""
 TABLE_COLUMNS = ["dataset", "model", "pretrained", "method", "n_seeds", "id_mean", "id_ci", "ood_mean", "ood_ci",
@@ -108,7 +107,7 @@ def split_facts(rows: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Each row's split headline metric (``split_metric``) and use (``split_use``: val or test).
 
     From the run's recorded ``splits_json``; for runs that have none, :func:`rftlib.data.base.split_use`
-    and the first of :data:`FALLBACK_METRICS` the run logged on that split.
+    and :func:`rftlib.axes.preferred_metric` of what the run logged on that split.
     """
     recorded = {text: json.loads(text) for text in rows["splits_json"].dropna().unique() if text not in ("", "nan")}
     metric_of, use_of = [], []
@@ -124,9 +123,9 @@ def split_facts(rows: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
 
 
 def _fallback_metrics(rows: pd.DataFrame) -> pd.Series:
-    """For each row, the first of :data:`FALLBACK_METRICS` its run logged on its split."""
-    logged = rows.groupby(["run_id", "split"])["metric"].agg(set)
-    pick = {key: next((m for m in FALLBACK_METRICS if m in names), None) for key, names in logged.items()}
+    """For each row, :func:`rftlib.axes.preferred_metric` of what its run logged on its split."""
+    logged = rows.groupby(["run_id", "split"])["metric"].agg(list)
+    pick = {key: preferred_metric(names) for key, names in logged.items()}
     return pd.Series([pick[(r, s)] for r, s in zip(rows["run_id"], rows["split"], strict=True)], index=rows.index)
 
 
@@ -240,16 +239,17 @@ def knob_curves(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def axis_names(rows: pd.DataFrame, metric: str | None = None) -> dict[str, str]:
-    """Readable axis titles: the metric and split(s) each axis is read from."""
+    """Readable axis titles (:meth:`rftlib.axes.Axes.title`): the metric and split(s) each axis reads."""
+    rows = rows[rows["role"].isin(["id", "ood"])]
     if rows.empty:
         return {"id": "ID", "ood": "OOD"}
-    facts = split_facts(rows[rows["role"].isin(["id", "ood"])], metric)
-    names = {}
-    for axis, role in (("id", "id"), ("ood", "ood")):
-        picked = facts[(facts["role"] == role) & (facts["split_use"] == "test")]
-        pairs = sorted({(str(m), str(s)) for m, s in zip(picked["split_metric"], picked["split"], strict=True)})
-        metrics = sorted({m for m, _ in pairs})
-        splits = sorted({s for _, s in pairs})
-        where = splits[0] if len(splits) == 1 else f"mean of {len(splits)} splits"
-        names[axis] = f"{role.upper()} {'/'.join(metrics)} ({where})"
-    return names
+    facts = split_facts(rows, metric)
+    tests = facts[facts["split_use"] == "test"]
+    pairs = {}
+    for role in ("id", "ood"):
+        mine = tests[tests["role"] == role]
+        pairs[role] = tuple(sorted(set(zip(mine["split"].astype(str), mine["split_metric"].astype(str), strict=True))))
+    if not pairs["id"] or not pairs["ood"]:
+        return {"id": "ID", "ood": "OOD"}
+    axes = Axes(id=pairs["id"], ood=pairs["ood"])
+    return {"id": axes.title("id"), "ood": axes.title("ood")}
