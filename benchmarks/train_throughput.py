@@ -156,8 +156,10 @@ def bench_wiseft(quick: bool) -> dict:
     from rftlib.data.loading import LoaderSettings
     from rftlib.data.pipeline import ImageSpec
     from rftlib.evaluate import evaluate
+    from rftlib.methods.common import RunContext
     from rftlib.methods.wiseft import WiseModel, sweep, zeroshot_state_for
     from rftlib.models import build_zeroshot_head, classifier_state, load_clip
+    from rftlib.results import ResultsStore
 
     device = _device()
     clip = load_clip("synthclip", "synthclip", device=device)
@@ -176,7 +178,9 @@ def bench_wiseft(quick: bool) -> dict:
         alphas = [i / 10 for i in range(11)][: 4 if quick else 11]
         evaluate(wise.model_at(0.0), world, "id_val", spec, device=device)  # warm-up, on other data
         start = time.perf_counter()
-        sweep(wise, data, splits, alphas, spec, device=device)
+        ctx = RunContext(clip=clip, dataset=data, device=torch.device(device), method="wiseft", run_id="bench",
+                         store=ResultsStore(Path(tmp) / "results.db"))  # the sweep logs its rows as a run does
+        sweep(ctx, wise, alphas)
         ours = time.perf_counter() - start
         start = time.perf_counter()
         decode_every_time = LoaderSettings(eval_cache=False)
