@@ -96,6 +96,17 @@ class RunContext:
             self.store.log_metrics(self.run_id, dict(metrics), split=split, role=role, kind=kind, knobs=knobs,
                                    epoch=epoch)
 
+    def evaluate_point(self, model: nn.Module, knobs: Mapping[str, float], *, splits: Sequence[str] | None = None,
+                       report: bool = False, epoch: int | None = None) -> list[dict]:
+        """One sweep point: ``model`` (the method at ``knobs``) evaluated on every ID/OOD split (or
+        ``splits``), each logged with :meth:`log_point`; returns the sweep table's rows."""
+        rows = []
+        for split in splits or self.eval_splits():
+            res = evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
+                           progress_mode=self.progress)
+            rows += self.log_point(knobs, res, report=report, epoch=epoch)
+        return rows
+
     def log_point(self, knobs: Mapping[str, float], res: EvalResult, *, report: bool = False,
                   epoch: int | None = None) -> list[dict]:
         """Log one sweep point (a split's metrics at ``knobs``), also as the run's final rows when it

@@ -84,7 +84,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import knobs
-from ..evaluate import evaluate
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts, load_checkpoint
 from ..task import Batch
 from ..train import TrainConfig
@@ -631,10 +630,7 @@ def _ratio_rows(ctx: RunContext, model: nn.Module, ratio: float, stats: MaskStat
     plus its mask fractions, as tidy rows of the run's sweep table."""
     fractions = {k: v for k, v in stats.summary.items() if k.endswith("frac")}
     rows = tidy_rows(ctx.dataset, {"mask_ratio": ratio}, "mask", "mask", fractions)
-    for split in ctx.eval_splits():
-        res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
-        rows += ctx.log_point({"mask_ratio": ratio}, res, report=report, epoch=epoch)
-    return rows
+    return rows + ctx.evaluate_point(model, {"mask_ratio": ratio}, report=report, epoch=epoch)
 
 
 def _extra_ratio(ctx: RunContext, cfg: Config, ratio: float, theta0, ref_state, pristine: ClipModel) -> list[dict]:

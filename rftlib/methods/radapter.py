@@ -696,11 +696,12 @@ def scale_sweep(ctx: RunContext, scales: Sequence[float], *, splits: Sequence[st
         with merged(ctx.clip, scale, use_ema=use_ema):
             head = build_zeroshot_head(ctx.clip, ctx.dataset.classnames, templates)
             model = ImageClassifier(ctx.clip.visual, head)
-            for split in splits or ctx.eval_splits():
-                res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
-                if log_rows:
-                    rows += ctx.log_point({"scale": scale}, res, report=scale == report, epoch=epoch)
-                else:
+            if log_rows:
+                rows += ctx.evaluate_point(model, {"scale": scale}, splits=splits, report=scale == report,
+                                           epoch=epoch)
+            else:
+                for split in splits or ctx.eval_splits():
+                    res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
                     rows += tidy_rows(ctx.dataset, {"scale": scale}, split, res.role, res.metrics)
     return sweep_table(rows, "scale")
 

@@ -159,10 +159,7 @@ def sweep(ctx: RunContext, wise: WiseModel, alphas: Sequence[float], *, report: 
     """
     rows = []
     for alpha in alphas:
-        model = wise.model_at(alpha)
-        for split in ctx.eval_splits():
-            res = evaluate(model, ctx.dataset, split, ctx.spec, device=ctx.device, settings=ctx.loader)
-            rows += ctx.log_point({"alpha": float(alpha)}, res, report=alpha == report)
+        rows += ctx.evaluate_point(wise.model_at(alpha), {"alpha": float(alpha)}, report=alpha == report)
     return sweep_table(rows, "alpha")
 
 
