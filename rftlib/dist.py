@@ -10,6 +10,7 @@ the main rank's: the others receive the run id with :func:`broadcast_object`.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -37,7 +38,9 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
     one rank included); no-op in a plain process.
 
     Uses NCCL on CUDA (after binding this process to GPU ``LOCAL_RANK``, so that every rank's
-    collectives run on its own GPU) and gloo elsewhere.
+    collectives run on its own GPU) and gloo elsewhere. The group is destroyed when the process
+    exits: left to interpreter shutdown, gloo's threads can abort a finished rank ("terminate called
+    without an active exception"), which turns a successful run into a failed exit status.
     """
     if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return DistInfo()
@@ -48,7 +51,14 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
             dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group(backend="gloo")
+        atexit.register(_leave_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_group() -> None:
+    """Destroy the process group at exit, if it is still there."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> DistInfo:
