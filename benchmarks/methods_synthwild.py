@@ -44,14 +44,15 @@ def _applicable(method: str, overrides: dict) -> dict:
 
 
 def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path], extra: dict,
-            results_db: str | None = None) -> dict:
+            results_db: str | None = None, device: str = "cpu") -> dict:
     """Run ``method`` once on its preset (plus the ``extra`` overrides it has) and return one table row."""
     overrides = _applicable(method, extra)
     if method == "wiseft" and seed in finetuned:
         overrides["finetuned"] = str(finetuned[seed])
     clip = load_clip("synthclip", "synthclip")
     start = time.perf_counter()
-    result = run_method(method, data=data, clip=clip, seed=seed, results_db=results_db or str(work / "results.db"),
+    result = run_method(method, data=data, clip=clip, seed=seed, device=device,
+                        results_db=results_db or str(work / "results.db"),
                         out_dir=work / f"{method}-{seed}", progress="off", overrides=overrides)
     seconds = time.perf_counter() - start
     if method == "finetune" and result.checkpoint is not None:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--methods", nargs="+", default=list_methods(), choices=list_methods(),
                         help="default: every registered method (alphabetical, so finetune runs before wiseft)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--device", default="cpu", help="cpu (the numbers in the notes) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", type=parse_override,
                         help="config overrides for every method whose config has the field, e.g. augment=rrc")
@@ -86,12 +88,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as tmp:
         for seed in args.seeds:
             for method in args.methods:
-                row = run_one(method, seed, data, Path(tmp), finetuned, extra, args.results_db)
+                row = run_one(method, seed, data, Path(tmp), finetuned, extra, args.results_db, args.device)
                 rows.append(row)
                 print(f"  {method:<13} seed {seed}: ID {row['ID']:.3f}  OOD {row['OOD']:.3f}  {row['seconds']:.0f} s",
                       flush=True)
     table = pd.DataFrame(rows)
-    print(f"\nsynthwild defaults on {torch.get_num_threads()} CPU thread(s) (torch {torch.__version__})")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
+    print(f"\nsynthwild defaults on {where} (torch {torch.__version__})")
     print(table.round(3).to_string(index=False))
     return table
 
