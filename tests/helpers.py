@@ -1,5 +1,6 @@
 """Small pieces several test modules share: the tiny model and launching two gloo ranks."""
 
+import os
 import socket
 import subprocess
 
@@ -12,6 +13,12 @@ def tiny_clip(seed: int = 0):
     """``rft-tiny`` with random weights drawn after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return load_clip("rft-tiny", None)
+
+
+def python_path(root) -> str:
+    """``PYTHONPATH`` for a subprocess: the repository first, then whatever the caller had (a GPU
+    machine may hold extra packages there)."""
+    return os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def free_port() -> int:
@@ -58,7 +65,7 @@ def run_single_and_two_ranks(script_text: str, tmp_path, *args: str) -> tuple[di
     root = Path(__file__).resolve().parents[1]
     script = Path(tmp_path) / "ddp_fit.py"
     script.write_text(script_text)
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": python_path(root)}
     single, ddp = Path(tmp_path) / "single.safetensors", Path(tmp_path) / "ddp.safetensors"
     subprocess.run([sys.executable, str(script), str(single), *args], env=env, cwd=root, check=True, timeout=300)
     assert launch_two_ranks([sys.executable, str(script), str(ddp), *args], env, root), "the two-rank run failed"

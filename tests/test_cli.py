@@ -16,6 +16,8 @@ from rftlib import cli
 from rftlib.data import list_datasets
 from rftlib.methods import list_methods
 
+from .helpers import python_path
+
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m rftlib.train"
 
@@ -39,7 +41,7 @@ def test_help_lists_every_registered_method_and_dataset(capsys):
 
 def test_module_entry_point_keeps_working_and_the_loop_does_not_import_the_methods():
     """``python -m rftlib.train`` is the CLI (README, torchrun); importing the loop imports no method."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT)}
     out = subprocess.run([sys.executable, "-m", "rftlib.train", "--help"], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0 and "--method NAME" in out.stdout

@@ -15,14 +15,15 @@ from rftlib.data import get_dataset
 from rftlib.data.loading import LoaderSettings
 from rftlib.data.pipeline import ImageSpec
 from rftlib.evaluate import evaluate
-from rftlib.methods import run_method
+from rftlib.methods import list_methods, run_method
 from rftlib.methods.finetune import FinetuneTask
 from rftlib.models import build_image_classifier, build_zeroshot_head
 from rftlib.results import load
 from rftlib.train import TrainConfig, fit
 
+from .conftest import tiny_overrides
 from .fakes import write_image_folder
-from .helpers import free_port, tiny_clip
+from .helpers import free_port, python_path, tiny_clip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,15 @@ def test_bf16_training_and_evaluation_on_cuda(data):
     bf16 = evaluate(model, data, "id_test", spec, device="cuda", amp=True)
     fp32 = evaluate(model, data, "id_test", spec, device="cuda", amp=False)
     assert (bf16.logits - fp32.logits).abs().max() < 0.5 and (bf16.preds == fp32.preds).mean() > 0.95
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_runs_on_cuda_with_a_clip_loaded_on_the_cpu(method, data, tmp_path):
+    """A notebook loads CLIP once and passes it to every run: the run moves it to its device (CRoFT
+    encoded on a CPU tower with CUDA inputs before)."""
+    result = run_method(method, data=data, clip=tiny_clip(), device="cuda", out_dir=tmp_path / method,
+                        overrides=tiny_overrides(method))
+    assert torch.isfinite(torch.tensor(result.metrics["id_test"]["macro_f1"]))
 
 
 def test_streamed_input_with_workers_resumes_on_cuda(data, tmp_path):
@@ -65,7 +75,7 @@ def test_streamed_input_with_workers_resumes_on_cuda(data, tmp_path):
 
 
 def test_one_rank_nccl_group_trains_and_records_one_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT), "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, "-m", "rftlib.train", "--method", "flyp", "--model", "rft-tiny", "--pretrained", "none",
            "--device", "cuda", "--data-option", "size=tiny", "cache=false", "--set", "epochs=1", "batch_size=32",
@@ -79,7 +89,7 @@ def test_scalar_reduction_runs_on_the_device_in_a_nccl_group():
     code = ("import torch, torch.distributed as d; from rftlib import dist; info = dist.init_distributed('cuda');"
             "x = torch.tensor([1.0, 3.0], device='cuda'); y = dist.all_reduce_mean(x);"
             "assert d.get_backend() == 'nccl' and y.device.type == 'cuda' and y.tolist() == [1.0, 3.0]")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT), "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

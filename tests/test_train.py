@@ -23,7 +23,7 @@ from rftlib.task import Batch, Task
 from rftlib.train import NonFiniteLossError, TrainConfig, build_optimizer, ddp_options, fit
 
 from .fakes import write_image_folder
-from .helpers import launch_two_ranks
+from .helpers import launch_two_ranks, python_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "tiny_fit.py"
@@ -160,7 +160,7 @@ def test_sgd_and_epoch_cosine_resume_exactly(tmp_path):
 
 
 def _run(args, env=None, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT), **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT, **kw)
 
 
@@ -211,7 +211,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, source, image_folder):
     _run(["--out", str(clean), *extra], check=True, timeout=300)
     total = json.loads((clean / "latest.json").read_text())["step"]
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(killed), "--slow", "0.3", *extra],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                            env={**os.environ, "PYTHONPATH": python_path(ROOT)}, cwd=ROOT)
     latest = killed / "latest.json"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 9):
@@ -235,7 +235,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, method, source, image_
     common = ["--method", method, "--epochs", "1", "--checkpoint-every", "0", *_source_args(source, image_folder)]
     _run([*common, "--out", str(single)], check=True, timeout=300)
     assert launch_two_ranks([sys.executable, str(SCRIPT), *common, "--out", str(ddp)],
-                            {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT)
+                            {**os.environ, "PYTHONPATH": python_path(ROOT)}, ROOT)
     init = load_file(str(single / "init.safetensors"))
     assert init.keys() == load_file(str(ddp / "init.safetensors")).keys()
     _assert_same_update(init, load_file(str(single / "final.safetensors")), load_file(str(ddp / "final.safetensors")))
@@ -248,7 +248,8 @@ def test_two_rank_cli_run_is_recorded_once(tmp_path):
     cmd = [sys.executable, "-m", "rftlib.train", "--method", "finetune", "--model", "rft-tiny", "--pretrained", "none",
            "--data-option", "size=tiny", "cache=false", "--set", "epochs=1", "batch_size=32", "warmup_steps=1",
            "select_split=null", "eval_splits=[]", "--results-db", str(db), "--progress", "off", "--workers", "0"]
-    assert launch_two_ranks(cmd, {**os.environ, "PYTHONPATH": str(ROOT), "RFT_RUNS_DIR": str(tmp_path / "runs")}, ROOT)
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT), "RFT_RUNS_DIR": str(tmp_path / "runs")}
+    assert launch_two_ranks(cmd, env, ROOT)
     runs = ResultsStore(db).runs()
     assert len(runs) == 1 and runs.status.tolist() == ["done"]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == runs.run_id.tolist()  # one checkpoint folder
@@ -348,13 +349,13 @@ def test_cli_trains_and_prints_a_summary(tmp_path):
            "--data-option", "size=tiny", "cache=false", "--set", "epochs=1", "batch_size=32", "warmup_steps=1",
            "--out-dir", str(tmp_path / "run"), "--results-db", str(tmp_path / "r.db"), "--progress", "off"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": python_path(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["method"] == "finetune" and set(summary["metrics"]) >= {"id_test", "test"}
     assert (tmp_path / "run" / "best.safetensors").exists()
     bad = subprocess.run([*cmd[:4], "nope"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": python_path(ROOT)})
     assert bad.returncode != 0 and "valid methods" in bad.stderr
 
 

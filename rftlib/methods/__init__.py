@@ -61,7 +61,7 @@ def run_method(
         dataset, data_root, dataset_options: what :func:`rftlib.data.get_dataset` loads (or pass
             ``data=`` to reuse a loaded dataset).
         model, pretrained: what :func:`rftlib.models.load_clip` loads (or pass ``clip=``, which must
-            hold those pretrained weights: the run is named after them).
+            hold those pretrained weights: the run is named after them; it is moved to ``device``).
         device: where to compute.
         seed: seeds data order and initialisation (also stored with every result row).
         results_db: SQLite results file (default ``$RFT_RESULTS_DB`` or ``rft_runs/results.db``).
@@ -92,7 +92,7 @@ def run_method(
     preset = data.name if data is not None else str(dataset).lower()  # settings are checked before data loads
     cfg = resolve_config(module.Config, module.PRESETS, preset, {**_seeded(module.Config, seed), **(overrides or {})})
     data = data if data is not None else get_dataset(dataset, root=data_root, **(dataset_options or {}))
-    clip = clip if clip is not None else load_clip(model, pretrained, device=device)
+    clip = clip.to(device) if clip is not None else load_clip(model, pretrained, device=device)
     ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=device, seed=seed,
                    results_db=results_db, out_dir=out_dir, force=force, progress=progress, callbacks=callbacks,
                    loader=loader)
