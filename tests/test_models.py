@@ -80,6 +80,24 @@ def test_classifier_forward_shape(tiny):
     assert out.shape == (2, len(CLASSES))
 
 
+def test_run_method_moves_a_passed_clip_to_its_device(tiny, data, tmp_path, monkeypatch):
+    """``ClipModel.to`` moves in place like ``nn.Module.to``, and a run moves the clip it is given
+    (the GPU check found CRoFT encoding on a CPU tower with CUDA inputs)."""
+    from rftlib.methods import run_method
+
+    assert tiny.to("cpu") is tiny and tiny.device == torch.device("cpu")
+    moved = []
+    original = type(tiny).to
+
+    def spy(self, device):
+        moved.append(str(device))
+        return original(self, device)
+
+    monkeypatch.setattr(type(tiny), "to", spy)
+    run_method("zeroshot", data=data, clip=tiny, device="cpu", out_dir=tmp_path / "run")
+    assert moved == ["cpu"]
+
+
 def test_checkpoint_round_trip_and_stock_open_clip_reload(tiny, tmp_path):
     head = build_zeroshot_head(tiny, CLASSES, TEMPLATES)
     with torch.no_grad():

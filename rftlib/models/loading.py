@@ -120,6 +120,11 @@ class ClipModel:
     def visual(self) -> nn.Module:
         return self.model.visual
 
+    def to(self, device: torch.device | str) -> "ClipModel":
+        """Move the model's weights to ``device`` in place (as ``nn.Module.to``); returns ``self``."""
+        self.model.to(device)
+        return self
+
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
