@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import remove_stale_temporaries, write_text_atomically
+from .results.journal import REPLACED_MARK
 
 log = logging.getLogger(__name__)
 ID_DIGITS = 12
@@ -189,7 +190,7 @@ class RunFolder:
                 if child.name != LOCK_FILE:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             return None
-        aside = self.path.with_name(f"{self.path.name}.replaced-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+        aside = self.path.with_name(f"{self.path.name}{REPLACED_MARK}{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
         self.path.rename(aside)
         self.release()
         self.acquire()

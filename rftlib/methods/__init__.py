@@ -120,16 +120,17 @@ def open_run(method: str, cfg, *, data, clip, device: torch.device, seed: int, r
     left to train); ``force`` empties it first. The caller releases ``ctx.folder`` at the end.
     """
     from ..results import ResultsStore, runs_dir
+    from ..results.journal import RunJournal, RunRecorder, resolve_sink
     from ..runs import RunFolder, identity_of
 
     for split in _selection_splits(cfg):  # before any work: choosing on a test split is refused
         data.check_selection_split(split)
     identity = identity_of(method, data.name, clip.name, clip.pretrained, seed, cfg, data.options)
-    store = ResultsStore(results_db)
     run_id = broadcast_object(identity.run_id())
     out = Path(out_dir) if out_dir is not None else runs_dir() / run_id
     folder = RunFolder(out)
     info = current()
+    store = RunRecorder(ResultsStore(results_db), RunJournal(out, writer=info.is_main), resolve_sink())
     if info.is_main:
         folder.acquire()
         try:
@@ -151,6 +152,7 @@ def _prepare_folder(folder, store, run_id: str, identity, *, force: bool, chosen
     if force:
         deleted = store.delete_run(run_id)
         aside = folder.clear(move_aside=chosen)
+        store.journal.append("delete_run", run_id=run_id)  # a store that gathered the old run forgets it
         log.info("force: retraining run %s from scratch (%d old rows removed%s)", run_id, deleted,
                  f"; the folder's old contents are in {aside}" if aside else "")
     elif status is not None:

@@ -27,7 +27,7 @@ from ..data.pipeline import ImageSpec
 from ..evaluate import EvalResult, evaluate
 from ..models import ClipModel
 from ..registry import UnknownNameError
-from ..results import ResultsStore
+from ..results.journal import RunRecorder
 from ..runs import RunFolder
 from ..train import FitResult, TrainConfig, fit
 
@@ -41,7 +41,7 @@ class RunContext:
     clip: ClipModel
     dataset: RFTDataset
     device: torch.device
-    store: ResultsStore
+    store: RunRecorder
     run_id: str
     method: str
     seed: int = 0

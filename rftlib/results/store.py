@@ -751,15 +751,26 @@ def _write_frame(frame: pd.DataFrame, out_path: Path) -> Path:
 
 
 def load(path: str | os.PathLike | None = None, **filters: Any) -> pd.DataFrame:
-    """Load results from the store at ``path`` (default: :func:`default_path`).
+    """Load results from the store at ``path`` (default: :func:`default_path`), or straight from a
+    folder of run folders (their records, :mod:`rftlib.results.journal`, gathered into a throw-away
+    store first: e.g. a sweep's runs before or without gathering them into the SQLite file).
 
     Args:
-        path: Database file.
+        path: Database file, or a folder of runs (``rft_runs``) or one run's folder.
         **filters: ``column=value`` filters, as for :meth:`ResultsStore.load`.
 
     Returns:
         The tidy results frame.
     """
+    if path is not None and Path(path).is_dir():
+        import tempfile
+
+        from .journal import gather
+
+        with tempfile.TemporaryDirectory(prefix="rft-gather-") as tmp:
+            store = ResultsStore(Path(tmp) / "results.db", writer=True)
+            gather(path, store)
+            return store.load(**filters)
     return ResultsStore(path).load(**filters)
 
 
