@@ -21,7 +21,8 @@ KEY = ["run_id", "split", "metric", "kind", "knobs_json", "epoch", "step"]
 
 
 def _rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """A results frame without its row ids and write times (a replayed row replaces its earlier copy), in a stable order (what must agree across sinks)."""
+    """A results frame without row ids and write times (a replayed row replaces its earlier copy), in a stable
+    order (what must agree across sinks)."""
     return frame.drop(columns=["id", "created_at"]).sort_values(KEY).reset_index(drop=True)
 
 

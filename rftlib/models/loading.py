@@ -120,7 +120,7 @@ class ClipModel:
     def visual(self) -> nn.Module:
         return self.model.visual
 
-    def to(self, device: torch.device | str) -> "ClipModel":
+    def to(self, device: torch.device | str) -> ClipModel:
         """Move the model's weights to ``device`` in place (as ``nn.Module.to``); returns ``self``."""
         self.model.to(device)
         return self
