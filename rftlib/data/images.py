@@ -151,6 +151,21 @@ def read_image(path: str) -> torch.Tensor:
     return decode_bytes(read_file(path), path)
 
 
+def crop_border(image: torch.Tensor, border: int) -> torch.Tensor:
+    """``uint8`` (..., 3, H, W) without its outer ``border`` pixels on every side (PIL's
+    ``image.crop((b, b, W - b, H - b))``, as WiSE-FT cuts ObjectNet's frame).
+
+    Raises:
+        ImageReadError: the image is not larger than twice the border (nothing would be left).
+    """
+    if border == 0:
+        return image
+    height, width = image.shape[-2:]
+    if height <= 2 * border or width <= 2 * border:
+        raise ImageReadError(f"a {width}x{height} image is too small to lose a {border}-px border")
+    return image[..., border:height - border, border:width - border]
+
+
 def resize_geometry(height: int, width: int, size: int) -> tuple[int, int]:
     """The (height, width) that ``torchvision.transforms.Resize(size)`` gives: the shorter side
     becomes ``size`` and the longer one ``int(size * long / short)`` (truncated)."""

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..progress import progress
 from .augment import Augment
 from .base import ArrayImages, FileImages, ImageReadError, ImageSource
-from .images import center_view, read_image, training_view
+from .images import center_view, crop_border, read_image, training_view
 
 
 class ImageReader(Protocol):
@@ -52,23 +52,43 @@ class ArrayReader:
         return torch.from_numpy(self.array[i]).permute(2, 0, 1)
 
 
-class FileReader:
-    """Image files, decoded on demand (:func:`rftlib.data.images.read_image`)."""
+@dataclass(frozen=True)
+class CroppedFileImages(FileImages):
+    """Image files whose outer ``border`` pixels are cut off (every side) as they are decoded,
+    before any view is made: ObjectNet frames each photo with a 1-px red line and its reference
+    evaluation crops 2 px (:mod:`rftlib.data.objectnet`)."""
 
-    def __init__(self, paths: tuple[str, ...]):
-        self.paths = paths
+    border: int = 0
+
+    def __post_init__(self):
+        if self.border < 0:
+            raise ValueError(f"border must be >= 0, got {self.border}")
+
+
+class FileReader:
+    """Image files, decoded on demand (:func:`rftlib.data.images.read_image`), less ``border``
+    pixels on every side."""
+
+    def __init__(self, paths: tuple[str, ...], border: int = 0):
+        self.paths, self.border = paths, border
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, i: int) -> torch.Tensor:
-        return read_image(self.paths[i])
+        image = read_image(self.paths[i])
+        try:
+            return crop_border(image, self.border)
+        except ImageReadError as err:
+            raise ImageReadError(f"cannot read image {self.paths[i]!r}: {err}") from err
 
 
 def reader_for(images: ImageSource) -> ImageReader:
     """The reader of a split's image source."""
     if isinstance(images, ArrayImages):
         return ArrayReader(images.array)
+    if isinstance(images, CroppedFileImages):
+        return FileReader(images.paths, images.border)
     if isinstance(images, FileImages):
         return FileReader(images.paths)
     raise TypeError(f"no reader for image source {type(images).__name__}")
