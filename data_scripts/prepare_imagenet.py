@@ -11,6 +11,8 @@ terms), so this script downloads nothing. It reports, for each part, what it fou
     <root>/imagenet-sketch/<wnid>/*.JPEG     optional shift
     <root>/imagenet-r/<wnid>/*.jpg           optional shift (200 classes)
     <root>/imagenet-a/<wnid>/*.jpg           optional shift (200 classes)
+    <root>/objectnet-1.0/images/<folder>/*.png and objectnet-1.0/mappings/
+                                             optional shift (113 of its 313 classes map to ImageNet)
 
 Usage: ``python data_scripts/prepare_imagenet.py --root data``. Exit status 0 when
 ``imagenet/val`` is usable, 1 otherwise.
@@ -29,7 +31,16 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rftlib.data.imagenet import SHIFT_FOLDERS, class_folders, folder_label, is_image_file, list_images
+from rftlib.data.base import DataNotFoundError
+from rftlib.data.imagenet import (
+    SHIFT_FOLDERS,
+    class_folders,
+    folder_label,
+    is_image_file,
+    list_images,
+    prepare_command,
+)
+from rftlib.data.objectnet import OBJECTNET_FOLDERS, find_objectnet, read_objectnet_classes
 
 log = logging.getLogger("prepare_imagenet")
 
@@ -69,6 +80,15 @@ PARTS = (
 )
 
 
+OBJECTNET_CLASSES, OBJECTNET_IMAGES = 113, 18_574  # in the full release: mapped classes, their images
+OBJECTNET_HOW_TO_GET = (
+    "ObjectNet cannot be downloaded automatically: read and accept its licence at https://objectnet.dev "
+    "(test use only: never train or tune on it), download objectnet-1.0.zip from its download page and "
+    "unzip it in <root> (the download page gives the archive's password), which makes\n"
+    "    <root>/objectnet-1.0/images/<folder>/*.png  and  <root>/objectnet-1.0/mappings/\n"
+    "Keep the four files of mappings/: rftlib reads the 113 ImageNet classes from them.")
+
+
 def inspect(part: Part, root: Path) -> tuple[bool, str]:
     """Whether ``part`` is usable under ``root``, and a one-paragraph report about it."""
     folder = next((root / f for f in part.folders if (root / f).is_dir()), None)
@@ -98,6 +118,31 @@ def inspect(part: Part, root: Path) -> tuple[bool, str]:
     return not problems, text
 
 
+def inspect_objectnet(root: Path) -> tuple[bool, str]:
+    """Whether ObjectNet is usable under ``root`` (its mapping files parse, some mapped class has
+    images), and a one-paragraph report about it."""
+    folder = find_objectnet(root)
+    if folder is None:
+        where = " or ".join(str(root / f) for f in OBJECTNET_FOLDERS)
+        return False, f"MISSING  ObjectNet: no {where}\n    how to get it: {_indent(OBJECTNET_HOW_TO_GET)}"
+    try:
+        classes = read_objectnet_classes(folder, prepare_command(root))
+    except (DataNotFoundError, ValueError) as err:
+        return False, (f"PROBLEM  ObjectNet: {folder}\n    {_indent(str(err))}\n"
+                       f"    how to get it: {_indent(OBJECTNET_HOW_TO_GET)}")
+    images = folder / "images"
+    present = {c.name: c for c in class_folders(images)} if images.is_dir() else {}
+    mapped = [present[f] for f in classes.folders if f in present]
+    n_images = sum(len(list_images(c)) for c in mapped)
+    summary = (f"{len(mapped)}/{OBJECTNET_CLASSES} mapped classes, {n_images:,}/{OBJECTNET_IMAGES:,} images of "
+               f"them; {len(present) - len(mapped)} other class folders are left out")
+    if n_images == 0:
+        return False, (f"PROBLEM  ObjectNet: {folder} ({summary})\n    no image of a mapped class in {images}\n"
+                       f"    how to get it: {_indent(OBJECTNET_HOW_TO_GET)}")
+    status = "OK      " if len(mapped) == OBJECTNET_CLASSES and n_images == OBJECTNET_IMAGES else "PARTIAL "
+    return True, f"{status} ObjectNet: {folder} ({summary})"
+
+
 def _indent(text: str) -> str:
     """Indent the continuation lines of a multi-line hint under the report line."""
     return text.replace("\n", "\n      ")
@@ -122,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         ok, text = inspect(part, root)
         log.info("%s", text)
         ready &= ok or not part.required
+    log.info("%s", inspect_objectnet(root)[1])  # optional, like the other shifts
     if not ready:
         log.error("ImageNet val is not usable yet; rftlib's 'imagenet' dataset needs it.")
         return 1
