@@ -11,6 +11,12 @@ The rules, in the order they are applied to a frame from :func:`rftlib.results.l
    (``splits_json``); stores from the first release fall back to ``macro_f1``, else ``accuracy``.
    The ID axis is the ID test split; the OOD axis is the mean over the OOD test splits (one for
    WILDS, every shift for ImageNet). Validation splits (``id_val``, ``val``) are never plotted.
+   **ObjectNet**: when any run has an ``objectnet`` OOD test row, the table also reports the mean
+   over the OOD test splits *other than* ObjectNet (``ood_without_objectnet_mean`` / ``_ci``),
+   next to ``ood_mean``. With all of ImageNet's shifts these are the papers' 5-shift average
+   (WiSE-FT, FLYP, DRM: V2, R, Sketch, A, ObjectNet) and the 4-shift average some later papers
+   report; it also puts runs evaluated without ObjectNet on a common footing with those evaluated
+   with it (a run without ObjectNet has the same value in both). Other datasets are unchanged.
 2. **Which rows.** Only a run's ``final`` and ``sweep`` rows; per-epoch rows are training curves.
 3. **Which knob value.** A method evaluated at several knob values (WiSE-FT's alpha, DRM's beta,
    R-Adapter's scale, a DPS mask-ratio sweep) is reported at the value with the best ID validation
@@ -35,6 +41,7 @@ import pandas as pd
 
 from ..axes import Axes, preferred_metric
 from ..data.base import split_use
+from ..data.objectnet import OBJECTNET_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ GROUP = ["dataset", "model", "pretrained", "method"]
 """What one comparison entry is: a method (with its base) on a dataset with a backbone."""
 TABLE_COLUMNS = ["dataset", "model", "pretrained", "method", "n_seeds", "id_mean", "id_ci", "ood_mean", "ood_ci",
                  "knobs", "selected_on"]
+WITHOUT_OBJECTNET = "ood_without_objectnet"
+"""The OOD mean over every OOD test split but ObjectNet: a column of the points (and, with
+``_mean``/``_ci``, of the table, after ``ood_ci``) only when some run was evaluated on ObjectNet."""
 
 
 @dataclass
@@ -51,10 +61,12 @@ class Comparison:
     Attributes:
         table: one row per dataset, backbone and method (columns :data:`TABLE_COLUMNS`): seeds,
             mean and confidence half-width of the ID and OOD headline numbers, the knob values
-            chosen (``"alpha=0.6"``, or a range over seeds) and how (``id_val`` or ``reported``).
+            chosen (``"alpha=0.6"``, or a range over seeds) and how (``id_val`` or ``reported``);
+            with ObjectNet results also ``ood_without_objectnet_mean`` and ``_ci`` after ``ood_ci``.
         curves: method -> a frame of its knob sweep (``knob``, ``value``, ``id``, ``ood``,
             ``n_seeds``), mean over seeds: WiSE-FT's alpha curve, DRM's beta curve, ...
-        axes: what the two axes hold, e.g. ``{"id": "macro_f1 (id_test)", "ood": "macro_f1 (test)"}``.
+        axes: what the two axes hold, e.g. ``{"id": "macro_f1 (id_test)", "ood": "macro_f1 (test)"}``;
+            with ObjectNet results also ``"ood_without_objectnet"``.
     """
 
     table: pd.DataFrame
@@ -139,7 +151,8 @@ def headline_points(rows: pd.DataFrame, metric: str | None = None) -> pd.DataFra
 
     Returns:
         columns ``dataset, model, pretrained, method, seed_key, run_id, knobs_json, has_final,
-        id_val, id, ood`` plus one column per knob.
+        id_val, id, ood`` (then ``ood_without_objectnet`` when some run has ObjectNet results) plus
+        one column per knob.
     """
     rows = rows[rows["kind"].isin(["final", "sweep"]) & rows["role"].isin(["id", "ood"])]
     if rows.empty:
@@ -154,12 +167,26 @@ def headline_points(rows: pd.DataFrame, metric: str | None = None) -> pd.DataFra
     per_split = rows.groupby([*keys, "axis", "split"], dropna=False)["value"].mean().reset_index()
     wide = per_split.groupby([*keys, "axis"], dropna=False)["value"].mean().unstack("axis")
     wide = wide.reindex(columns=["id_val", "id", "ood"]).reset_index().rename_axis(columns=None)
+    without = ood_without_objectnet(per_split, keys)
+    if without is not None:
+        wide = wide.merge(without, on=keys, how="left")
     finals = rows[rows["kind"] == "final"].groupby(keys, dropna=False).size().rename("n_final").reset_index()
     wide = wide.merge(finals, on=keys, how="left").assign(has_final=lambda f: f["n_final"].fillna(0) > 0)
     knobs = [json.loads(text) for text in wide["knobs_json"]]
     for name in sorted({k for d in knobs for k in d}):
         wide[name] = [d.get(name, np.nan) for d in knobs]
     return wide.drop(columns="n_final")
+
+
+def ood_without_objectnet(per_split: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
+    """Per point (``keys``), the mean over its OOD test splits other than ObjectNet (column
+    :data:`WITHOUT_OBJECTNET`), or None when no point has an ObjectNet OOD test value."""
+    ood = per_split[per_split["axis"] == "ood"]
+    objectnet = ood["split"] == OBJECTNET_SPLIT
+    if not objectnet.any():
+        return None
+    rest = ood[~objectnet].groupby(keys, dropna=False)["value"].mean()
+    return rest.rename(WITHOUT_OBJECTNET).reset_index()
 
 
 def _axis(rows: pd.DataFrame) -> list[str | None]:
@@ -172,9 +199,11 @@ def choose_knobs(points: pd.DataFrame) -> pd.DataFrame:
     """One point per dataset, backbone, method and seed: the knob setting with the best ID
     validation number, or the run's final rows when there is no ID validation to choose on."""
     chosen = []
+    extra = [WITHOUT_OBJECTNET] if WITHOUT_OBJECTNET in points else []
     for _, group in points.groupby([*GROUP, "seed_key"], dropna=False, sort=False):
         settings = group.groupby("knobs_json", sort=False).agg(
-            id_val=("id_val", "mean"), id=("id", "mean"), ood=("ood", "mean"), has_final=("has_final", "any"))
+            id_val=("id_val", "mean"), id=("id", "mean"), ood=("ood", "mean"), has_final=("has_final", "any"),
+            **{name: (name, "mean") for name in extra})
         if len(settings) > 1 and settings["id_val"].notna().all():
             best = settings["id_val"].idxmax()
             pick, how = settings.loc[[best]], "id_val"
@@ -188,8 +217,9 @@ def choose_knobs(points: pd.DataFrame) -> pd.DataFrame:
             continue
         first = group.iloc[0]
         chosen.append({**{k: first[k] for k in [*GROUP, "seed_key"]}, "id": pick["id"].mean(),
-                       "ood": pick["ood"].mean(), "knobs": [_knob_text(k) for k in pick.index], "selected_on": how})
-    return pd.DataFrame(chosen, columns=[*GROUP, "seed_key", "id", "ood", "knobs", "selected_on"])
+                       "ood": pick["ood"].mean(), **{name: pick[name].mean() for name in extra},
+                       "knobs": [_knob_text(k) for k in pick.index], "selected_on": how})
+    return pd.DataFrame(chosen, columns=[*GROUP, "seed_key", "id", "ood", *extra, "knobs", "selected_on"])
 
 
 def _knob_text(knobs: str) -> str:
@@ -202,13 +232,19 @@ def summarise(chosen: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     table = []
+    extra = [WITHOUT_OBJECTNET] if WITHOUT_OBJECTNET in chosen else []
     for key, group in chosen.dropna(subset=["id", "ood"]).groupby(GROUP, dropna=False, sort=False):
         knobs = sorted({text for texts in group["knobs"] for text in texts if text})
         table.append({**dict(zip(GROUP, key, strict=True)), "n_seeds": len(group),
                       "id_mean": group["id"].mean(), "id_ci": half_width(group["id"], confidence),
                       "ood_mean": group["ood"].mean(), "ood_ci": half_width(group["ood"], confidence),
+                      **{f"{name}_mean": group[name].mean() for name in extra},
+                      **{f"{name}_ci": half_width(group[name], confidence) for name in extra},
                       "knobs": "; ".join(knobs), "selected_on": "/".join(sorted(set(group["selected_on"])))})
-    frame = pd.DataFrame(table, columns=TABLE_COLUMNS)
+    after = TABLE_COLUMNS.index("ood_ci") + 1
+    columns = [*TABLE_COLUMNS[:after], *(f"{name}_{stat}" for name in extra for stat in ("mean", "ci")),
+               *TABLE_COLUMNS[after:]]
+    frame = pd.DataFrame(table, columns=columns)
     return frame.sort_values(["model", "pretrained", "ood_mean"], ascending=[True, True, False], ignore_index=True)
 
 
@@ -225,7 +261,7 @@ def half_width(values: pd.Series, confidence: float = 0.95) -> float:
 def knob_curves(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per method whose points vary exactly one knob over three or more values: the mean over
     seeds of (ID, OOD) at each value (a WiSE-FT alpha curve, a DRM beta curve, ...)."""
-    fixed = {*GROUP, "seed_key", "run_id", "knobs_json", "has_final", "id_val", "id", "ood"}
+    fixed = {*GROUP, "seed_key", "run_id", "knobs_json", "has_final", "id_val", "id", "ood", WITHOUT_OBJECTNET}
     curves = {}
     for method, group in points.groupby("method", sort=False):
         varying = [c for c in points.columns if c not in fixed and group[c].nunique() > 1]
@@ -252,4 +288,8 @@ def axis_names(rows: pd.DataFrame, metric: str | None = None) -> dict[str, str]:
     if not pairs["id"] or not pairs["ood"]:
         return {"id": "ID", "ood": "OOD"}
     axes = Axes(id=pairs["id"], ood=pairs["ood"])
-    return {"id": axes.title("id"), "ood": axes.title("ood")}
+    names = {"id": axes.title("id"), "ood": axes.title("ood")}
+    others = tuple(pair for pair in pairs["ood"] if pair[0] != OBJECTNET_SPLIT)
+    if others != pairs["ood"] and others:
+        names[WITHOUT_OBJECTNET] = Axes(id=pairs["id"], ood=others).title("ood") + " without objectnet"
+    return names
