@@ -23,6 +23,7 @@ from ..data.loading import LoaderSettings
 from ..devices import resolve_device
 from ..dist import broadcast_object, current
 from ..registry import Registry
+from ..tracking import resolve_track, track_run
 from .common import RunContext, RunResult, resolve_config
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def run_method(
     results_db: str | None = None, out_dir: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
     progress: str | None = None, callbacks: Sequence[Callable] = (), clip=None, data=None,
     dataset_options: Mapping[str, Any] | None = None, loader: LoaderSettings | None = None, force: bool = False,
+    track: str | Sequence[str] | None = None,
 ) -> RunResult:
     """Run one method end to end and record its results.
 
@@ -74,6 +76,8 @@ def run_method(
             the environment's (:class:`rftlib.data.loading.LoaderSettings`).
         force: retrain from scratch even if this run already exists (its rows are removed; the default
             folder is emptied, an explicit ``out_dir`` moved to ``<out_dir>.replaced-<time>``).
+        track: experiment trackers, e.g. ``("tensorboard", "wandb")`` (:mod:`rftlib.tracking`);
+            ``None``: those of the enclosing run (a base run), none at top level.
 
     The run id is content-addressed (:mod:`rftlib.runs`): the same method, data, model, config and
     seed give the same id and folder, so running the same command again resumes an interrupted
@@ -88,6 +92,7 @@ def run_method(
 
     module = get_method(method)
     device = resolve_device(device)
+    trackers = resolve_track(track)  # an unknown or uninstalled tracker fails before any work
     torch.manual_seed(seed)
     preset = data.name if data is not None else str(dataset).lower()  # settings are checked before data loads
     cfg = resolve_config(module.Config, module.PRESETS, preset, {**_seeded(module.Config, seed), **(overrides or {})})
@@ -97,7 +102,9 @@ def run_method(
                    results_db=results_db, out_dir=out_dir, force=force, progress=progress, callbacks=callbacks,
                    loader=loader)
     try:
-        result = module.run(ctx, cfg)
+        with track_run(ctx, trackers) as tracked:
+            result = module.run(ctx, cfg)
+            tracked.final(result.metrics)
     except BaseException:
         ctx.store.finish_run(ctx.run_id, status="failed")
         raise
