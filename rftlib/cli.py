@@ -8,7 +8,8 @@
 :func:`rftlib.methods.run_method` and prints its summary as JSON. ``--help`` lists the registered
 methods and datasets. ``--set KEY=VALUE`` overrides the method's config (``epochs``, ``lr`` or any
 knob; values are read as JSON when they are JSON) and ``--data-option KEY=VALUE`` passes options to
-the dataset's loader (``size=small`` for synthwild).
+the dataset's loader (``size=small`` for synthwild). ``--track tensorboard wandb`` sends the run's
+curves and final metrics to experiment trackers (:mod:`rftlib.tracking`; off by default).
 
 Every input is resolved before anything trains: an unknown method or dataset, an override that is
 not ``KEY=VALUE``, that names no option or that gives an option a value its config refuses, a bad
@@ -36,6 +37,7 @@ from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
 from .devices import resolve_device
 from .methods import get_config, get_method, list_methods, run_method
 from .registry import UnknownNameError
+from .tracking import TRACKERS, resolve_track
 
 #: What refusing an input raises: an unknown name, or a value of the wrong type or out of range.
 INPUT_ERRORS = (UnknownNameError, TypeError, ValueError)
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE", type=parse_override,
                         help="dataset options, e.g. --data-option size=small")
     parser.add_argument("--progress", default="text", choices=["auto", "text", "off"])
+    parser.add_argument("--track", nargs="*", default=[], metavar="NAME",
+                        help=f"experiment trackers for this run: {', '.join(TRACKERS.names())} (default: none; "
+                             "TensorBoard writes into the run folder's tb/)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image decoding processes per rank (default: $RFT_WORKERS or the CPUs per rank - 1)")
     parser.add_argument("--memory-budget", default=None,
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     result = run_method(args.method, data=data, model=args.model, pretrained=pretrained, device=device,
                         out_dir=args.out_dir, seed=args.seed, results_db=args.results_db, overrides=dict(args.set),
-                        progress=args.progress, loader=loader, force=args.force)
+                        progress=args.progress, loader=loader, force=args.force, track=tuple(args.track))
     if info.is_main:
         print(json.dumps(result.summary(), indent=1, default=str))
 
@@ -124,6 +129,8 @@ def _resolve_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         get_config(args.method, args.dataset.lower(), dict(args.set))
     with _one_line_error(parser, "--device"):
         resolve_device(args.device)
+    with _one_line_error(parser, "--track", (*INPUT_ERRORS, ImportError)):
+        resolve_track(args.track)
     with _one_line_error(parser, "--workers/--memory-budget/--prepared"):
         loader = LoaderSettings(workers=args.workers, memory_budget=args.memory_budget, input_path=args.input_path,
                                 on_bad_image=args.on_bad_image, prepared=args.prepared)
