@@ -47,6 +47,20 @@ def check_knob(name: str, value: Any) -> float:
         raise ParameterError(str(err)) from None
 
 
+def check_track(track: Any) -> tuple[str, ...]:
+    """The ``track`` parameter as tracker names (:func:`rftlib.tracking.resolve_track`); an unknown
+    name fails naming the valid ones, a tracker whose package is missing says what to install."""
+    from .registry import UnknownNameError
+    from .tracking import resolve_track
+
+    if track is None:
+        return ()
+    try:
+        return resolve_track(track)
+    except (UnknownNameError, TypeError) as err:
+        raise ParameterError(f"track={track!r} is invalid: {err}") from None
+
+
 def check_positive_int(name: str, value: Any, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
@@ -68,6 +82,7 @@ class Session:
     results_db: str | None
     progress: str
     overrides: dict = field(default_factory=dict)
+    track: tuple[str, ...] = ()  # experiment trackers of every run (rftlib.tracking)
     knobs: dict = field(default_factory=dict)
     data: Any = None
     clip: Any = None
@@ -103,7 +118,7 @@ class Session:
             overrides = {**overrides, "base_overrides": {**rest, **(overrides.get("base_overrides") or {})}}
         return run_method(method, data=self.load_data(), clip=self.load_model(), device=self.device, seed=self.seed,
                           results_db=self.results_db, overrides={**shared, **overrides},
-                          progress=self.progress, callbacks=callbacks)
+                          progress=self.progress, callbacks=callbacks, track=self.track)
 
     def axes(self) -> Axes:
         """What the session's ID-vs-OOD plots read: each split's headline metric, ``id_test`` on x,
@@ -119,7 +134,7 @@ class Session:
 
 def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synthclip", pretrained: str = "synthclip",
           epochs: int | None = None, batch_size: int | None = None, seed: int = 0, device: str = "auto",
-          results_db: str = "", progress: str = "auto", **knob_values: Any) -> Session:
+          results_db: str = "", progress: str = "auto", track: str | list = "", **knob_values: Any) -> Session:
     """Validate a notebook's parameters and return its :class:`Session`.
 
     Args:
@@ -130,6 +145,8 @@ def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synt
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         results_db: SQLite results file ("" = ``$RFT_RESULTS_DB`` or ``rft_runs/results.db``).
         progress: ``auto`` | ``text`` | ``off``.
+        track: experiment trackers for every run, e.g. ``"tensorboard"`` or ``"tensorboard,wandb"``
+            (a list works too; "" = none; :mod:`rftlib.tracking`).
         **knob_values: method knobs (:data:`rftlib.knobs.KNOBS`), each checked against its range.
 
     Raises:
@@ -150,11 +167,12 @@ def setup(*, dataset: str = "synthwild", data_root: str = "", model: str = "synt
         overrides["batch_size"] = batch_size
     for name, value in knob_values.items():
         check_knob(name, value)
+    trackers = check_track(track)
     set_progress(progress)
     weights = None if str(pretrained).lower() in ("", "none") else pretrained
     return Session(dataset=dataset, data_root=data_root or None, model=model, pretrained=weights,
                    device=resolve_device(device), seed=seed, results_db=results_db or os.environ.get("RFT_RESULTS_DB"),
-                   progress=progress, overrides=overrides, knobs=knob_values)
+                   progress=progress, overrides=overrides, knobs=knob_values, track=trackers)
 
 
 def unit_grid(points: int) -> list[float]:
