@@ -241,3 +241,11 @@ def test_every_training_notebook_has_a_track_parameter_passed_to_setup():
         calls = [n for c in _code_cells(nb) for n in ast.walk(ast.parse(c.source))
                  if isinstance(n, ast.Call) and ast.unparse(n.func) == "notebook.setup"]
         assert any(ast.unparse(k) == "track=track" for call in calls for k in call.keywords), path.name
+
+
+def test_evaluating_a_finished_run_again_replaces_its_final_metrics(data, tmp_path):
+    for _ in range(2):
+        result = run_method("zeroshot", data=data, clip=tiny_clip(), out_dir=tmp_path / "run", track="tensorboard")
+    final = scalars(tmp_path / "run" / "tb" / "final")
+    assert final == {f"final/{split}/{m}": [(0, pytest.approx(v, rel=1e-6))]
+                     for split, metrics in result.metrics.items() for m, v in metrics.items()}

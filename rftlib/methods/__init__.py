@@ -6,11 +6,20 @@ Every method module defines ``NAME``, a config dataclass ``Config`` (with a docs
 Trainable methods also define a :class:`~rftlib.task.Task` that the shared loop
 (:func:`rftlib.train.fit`) trains. :func:`run_method` is the single entry point used by the
 notebooks, the CLI (``python -m rftlib.train``) and the reports.
+
+One entry is optional: ``build_classifier(clip, state, dataset, cfg) -> nn.Module``
+(:data:`~rftlib.methods.common.ClassifierBuilder`), how the method turns weights into the model it
+evaluates. A method whose evaluation model is not one head over the image tower declares it (DRM:
+two heads and a mix of their softmaxes), so that WiSE-FT, merging the method's checkpoint with
+the zero-shot CLIP, evaluates the merge as the method would; :func:`classifier_builder` hands it out
+and :func:`get_method` refuses a module whose declaration does not have that signature. Methods
+without one are evaluated by :func:`~rftlib.methods.common.single_head_classifier`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +33,7 @@ from ..devices import resolve_device
 from ..dist import broadcast_object, current
 from ..registry import Registry
 from ..tracking import resolve_track, track_run
-from .common import RunContext, RunResult, resolve_config
+from .common import ClassifierBuilder, RunContext, RunResult, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +46,46 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+CLASSIFIER_BUILDER_PARAMETERS = ("clip", "state", "dataset", "cfg")
+
+
+class MethodContractError(TypeError):
+    """A method module breaks the method interface; the message names the module and the rule."""
+
+
 def get_method(name: str) -> ModuleType:
-    """The method's module (``NAME``, ``Config``, ``PRESETS``, ``run``)."""
-    return importlib.import_module(METHODS.get(name))
+    """The method's module (``NAME``, ``Config``, ``PRESETS``, ``run``; optionally ``build_classifier``),
+    its optional declarations checked (:func:`check_method_module`)."""
+    return check_method_module(importlib.import_module(METHODS.get(name)))
+
+
+def check_method_module(module: ModuleType) -> ModuleType:
+    """Refuse a method module whose optional ``build_classifier`` is not a function of exactly
+    ``(clip, state, dataset, cfg)`` (:data:`~rftlib.methods.common.ClassifierBuilder`); return it.
+
+    Raises:
+        MethodContractError: naming the module and the signature it has.
+    """
+    builder = vars(module).get("build_classifier")
+    if builder is None:
+        return module
+    want = f"build_classifier({', '.join(CLASSIFIER_BUILDER_PARAMETERS)}) -> nn.Module"
+    if not callable(builder):
+        raise MethodContractError(f"{module.__name__}.build_classifier must be a function {want}, "
+                                  f"got a {type(builder).__name__}")
+    params = inspect.signature(builder).parameters.values()
+    names = tuple(p.name for p in params)
+    positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if names != CLASSIFIER_BUILDER_PARAMETERS or not positional:
+        raise MethodContractError(f"{module.__name__}.build_classifier must be a function {want}; "
+                                  f"it takes ({', '.join(names)})")
+    return module
+
+
+def classifier_builder(method: str) -> ClassifierBuilder | None:
+    """The evaluation-model builder ``method`` declares, or ``None`` when it declares none (a one-head
+    method: :func:`~rftlib.methods.common.single_head_classifier` builds its model, from no config)."""
+    return vars(get_method(method)).get("build_classifier")
 
 
 def get_config(method: str, dataset: str = "synthwild", overrides: Mapping[str, Any] | None = None):

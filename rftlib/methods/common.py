@@ -1,10 +1,20 @@
-"""What every method run shares: the run context, the result, and config resolution.
+"""What every method run shares: the run context, the result, config resolution, and how a
+method's evaluation model is built from weights.
 
 :func:`rftlib.methods.run_method` builds a :class:`RunContext` (model, data, device, results
 store, run id, checkpoint folder, callbacks) and hands it with a resolved config to the method's
 ``run(ctx, cfg)``. Configs are dataclasses with per-dataset presets; overrides are flat
 ``key=value`` pairs that may name a field of the method config or of its embedded
-:class:`~rftlib.train.TrainConfig` (``epochs``, ``lr``, ...).
+:class:`~rftlib.train.TrainConfig` (``epochs``, ``lr``, ...). A config recorded with a checkpoint
+or a run comes back with :func:`config_from_record`.
+
+A method's *evaluation model* is what it evaluates: image in, logits out. Tools that change a
+method's weights after the fact (WiSE-FT's merge) must rebuild that model around the new weights,
+so the method interface declares it as a :data:`ClassifierBuilder`
+``build_classifier(clip, state, dataset, cfg)``; a method that declares none is evaluated by
+:func:`single_head_classifier` (its checkpoint's head, or a zero-shot head). A model that must know
+which split it is evaluated on (DRM masks each head to ImageNet-R/A's 200 classes before mixing)
+is a :class:`SplitAwareClassifier`; :meth:`RunContext.evaluate_split` hands it the split.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +37,7 @@ from ..data.base import ROLES, RFTDataset
 from ..data.loading import LoaderSettings
 from ..data.pipeline import ImageSpec
 from ..evaluate import EvalResult, evaluate
-from ..models import ClipModel
+from ..models import ClipModel, ImageClassifier, ZeroShotHead, build_zeroshot_head
 from ..registry import UnknownNameError
 from ..results.journal import RunRecorder
 from ..runs import RunFolder
@@ -75,11 +87,16 @@ class RunContext:
         """The ID and OOD evaluation splits (everything but train and open-set)."""
         return [n for n, s in self.dataset.splits.items() if s.role in ("id", "ood")]
 
+    def evaluate_split(self, model: nn.Module, split: str) -> EvalResult:
+        """Evaluate ``model`` on ``split`` without logging anything; a :class:`SplitAwareClassifier`
+        is evaluated as its :meth:`~SplitAwareClassifier.for_split` view of that split."""
+        return evaluate(for_split(model, self.dataset, split), self.dataset, split, self.spec, device=self.device,
+                        settings=self.loader, progress_mode=self.progress)
+
     def evaluate(self, model: nn.Module, split: str, *, kind: str = "final", knobs: Mapping[str, float] | None = None,
                  epoch: int | None = None) -> EvalResult:
         """Evaluate ``model`` on ``split`` and log its metrics as rows of ``kind`` at ``knobs``."""
-        res = evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
-                       progress_mode=self.progress)
+        res = self.evaluate_split(model, split)
         self.log(res.split, res.role, res.metrics, kind=kind, knobs=knobs, epoch=epoch)
         return res
 
@@ -102,9 +119,7 @@ class RunContext:
         ``splits``), each logged with :meth:`log_point`; returns the sweep table's rows."""
         rows = []
         for split in splits or self.eval_splits():
-            res = evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
-                           progress_mode=self.progress)
-            rows += self.log_point(knobs, res, report=report, epoch=epoch)
+            rows += self.log_point(knobs, self.evaluate_split(model, split), report=report, epoch=epoch)
         return rows
 
     def log_point(self, knobs: Mapping[str, float], res: EvalResult, *, report: bool = False,
@@ -154,6 +169,66 @@ class RunContext:
         return run_method(method, data=self.dataset, clip=copy.deepcopy(self.clip), device=self.device,
                           seed=self.seed, results_db=str(self.store.path), out_dir=out_dir, progress=self.progress,
                           callbacks=self.callbacks, overrides=overrides, loader=self.loader)
+
+
+# --------------------------------------------------------------------------------------------------
+# A method's evaluation model, rebuilt around given weights
+# --------------------------------------------------------------------------------------------------
+ClassifierBuilder = Callable[[ClipModel, Mapping[str, torch.Tensor], RFTDataset, Any], nn.Module]
+"""``build_classifier(clip, state, dataset, cfg) -> nn.Module``: a method's evaluation model.
+
+The optional entry of the method interface (:mod:`rftlib.methods`) that says how the method turns
+weights into the model it evaluates, for weights it did not produce itself (WiSE-FT's merge of its
+checkpoint with the zero-shot CLIP):
+
+* ``clip``: a CLIP of the method's architecture already holding the weights (the checkpoint's CLIP
+  tensors, or their merge);
+* ``state``: the checkpoint's other tensors (keyed as in the checkpoint: ``head.weight``,
+  ``head.bias``; empty for a method whose checkpoint is the CLIP alone), merged likewise;
+* ``dataset``: the data it is evaluated on (class names, templates, descriptions, projections);
+* ``cfg``: the method's config, as recorded with the checkpoint or the run.
+
+It must share ``clip``'s towers (no copies): the caller reloads the weights and builds again.
+"""
+
+
+def head_classifier(clip: ClipModel, state: Mapping[str, torch.Tensor], classnames: Sequence[str],
+                    templates: Sequence[str]) -> ImageClassifier:
+    """``clip``'s image tower with the checkpoint's head (``state["head.weight"]``/``["head.bias"]``), or,
+    for a checkpoint without one (contrastive tuning: FLYP), a zero-shot head built from ``clip``'s
+    text tower and logit scale with ``templates``."""
+    if "head.weight" in state:
+        head = ZeroShotHead(state["head.weight"].float(), state["head.bias"].float())
+    else:
+        head = build_zeroshot_head(clip, classnames, templates)
+    return ImageClassifier(clip.visual, head.to(clip.device))
+
+
+def single_head_classifier(clip: ClipModel, state: Mapping[str, torch.Tensor], dataset: RFTDataset,
+                           cfg: Any = None) -> ImageClassifier:
+    """The :data:`ClassifierBuilder` of a method that declares none: one head
+    (:func:`head_classifier` with the dataset's class names and templates); ``cfg`` is not read."""
+    return head_classifier(clip, state, dataset.classnames, dataset.templates)
+
+
+class SplitAwareClassifier(nn.Module):
+    """An evaluation model whose outputs depend on the split beyond its images.
+
+    ImageNet-R/A label 200 of the 1000 classes (``dataset.info["logit_projection"]``);
+    :func:`rftlib.evaluate.evaluate` masks the *final* logits to them. That is right for one head,
+    not for a model that combines several outputs nonlinearly: DRM mixes two softmaxes, and its
+    release restricts each head to the split's classes *before* the softmax. Such a model subclasses
+    this and returns from :meth:`for_split` the module to evaluate on a split (a view sharing its
+    weights). Masking its outputs again afterwards changes nothing.
+    """
+
+    def for_split(self, dataset: RFTDataset, split: str) -> nn.Module:
+        raise NotImplementedError
+
+
+def for_split(model: nn.Module, dataset: RFTDataset, split: str) -> nn.Module:
+    """The module that evaluates ``split``: a :class:`SplitAwareClassifier`'s view of it, else ``model``."""
+    return model.for_split(dataset, split) if isinstance(model, SplitAwareClassifier) else model
 
 
 def tidy_rows(dataset: RFTDataset, knobs: Mapping[str, float], split: str, role: str,
@@ -234,6 +309,52 @@ def resolve_config(config_cls: type, presets: Mapping[str, Mapping[str, Any]], d
         for key, value in source.items():
             cfg = _apply(cfg, key, value)
     return cfg
+
+
+def apply_overrides(cfg, overrides: Mapping[str, Any] | None):
+    """``cfg`` with ``overrides`` applied (flat or ``train.key`` names, as :func:`resolve_config`); the
+    config's own checks run again. An unknown name raises with the list of valid options."""
+    for key, value in (overrides or {}).items():
+        cfg = _apply(cfg, key, value)
+    return cfg
+
+
+def config_from_record(config_cls: type, record: Mapping[str, Any]):
+    """Rebuild a method config from its JSON record (a checkpoint sidecar's ``method_config``, a run's
+    stored config): nested configs become their dataclasses again, JSON lists become tuples where
+    the field holds a tuple, and the config's checks run.
+
+    Raises:
+        UnknownNameError: the record has a field the config does not (written by another version of
+            the method); the message names it and the valid fields.
+    """
+    if not isinstance(record, Mapping):
+        raise TypeError(f"a {config_cls.__name__} record is a JSON object, got {type(record).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(record) - set(fields))
+    if unknown:
+        raise UnknownNameError(f"recorded {config_cls.__name__} has fields {unknown} that this version does not "
+                               f"know; valid fields: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(config_cls)
+    default = config_cls()
+    values = {}
+    for name, value in record.items():
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            value = config_from_record(type(current), value)
+        elif isinstance(value, list) and _holds_tuple(hints.get(name)):
+            value = tuple(value)
+        values[name] = value
+    return config_cls(**values)
+
+
+def _holds_tuple(hint: Any) -> bool:
+    """Whether a field annotation is ``tuple[...]`` or a union with one (``tuple[str, ...] | None``)."""
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_holds_tuple(arg) for arg in typing.get_args(hint))
+    return False
 
 
 def _apply(cfg, key: str, value: Any):
