@@ -16,6 +16,7 @@ from rftlib.methods.concepts import ConceptDescriptionError, load_concept_descri
 from rftlib.methods.drm import (
     Config,
     DRMTask,
+    DualHeadClassifier,
     beta_sweep,
     build_dual_classifier,
     dual_logits,
@@ -166,6 +167,38 @@ def test_beta_sweep_runs_the_image_encoder_once_per_split(data):
     for beta in (0.0, 0.5, 1.0):  # same numbers as evaluating the dual classifier at that beta
         model.beta = beta
         assert f1[(beta, "test")] == pytest.approx(evaluate(model, data, "test", spec).metrics["macro_f1"])
+
+
+def test_each_head_is_masked_to_the_split_classes_before_the_softmaxes_mix():
+    """ImageNet-R/A style: the split covers classes 0 and 2 of 4. DRM's release restricts each head to
+    them, then mixes the two softmaxes; masking the 4-way mixture afterwards predicts another class."""
+    import math
+    from types import SimpleNamespace
+
+    from rftlib.methods.common import for_split
+    from rftlib.models import ZeroShotHead
+
+    dataset = SimpleNamespace(classnames=["a", "b", "c", "d"], info={"logit_projection": {"imagenet-r": [0, 2]}})
+    features = torch.ones(1, 1)  # one image; each head's weight is its logits as a (4 classes x 1) column
+    df = torch.tensor([[5.0, 10.0, 0.0, 0.0]])  # the df head prefers an uncovered class, then class 0
+    cd = torch.tensor([[0.0, 0.0, 1.0, 0.0]])   # the cd head mildly prefers class 2
+    model = DualHeadClassifier(torch.nn.Identity(), ZeroShotHead(df.T, normalize=False),
+                               ZeroShotHead(cd.T, normalize=False), beta=0.5)
+    view = for_split(model, dataset, "imagenet-r")
+    assert for_split(model, dataset, "val") is model  # a split without a projection: the model itself
+    probs = view(features).exp()[0]
+    e = math.e  # by hand: softmax over {0, 2} of each head, then the 0.5/0.5 mixture
+    want0 = 0.5 * e ** 5 / (e ** 5 + 1) + 0.5 * 1 / (1 + e)
+    want2 = 0.5 * 1 / (e ** 5 + 1) + 0.5 * e / (1 + e)
+    assert probs[0].item() == pytest.approx(want0) and probs[2].item() == pytest.approx(want2)
+    assert probs[1] == 0 and probs[3] == 0 and probs.argmax() == 0
+    # the mixture of the 4-way softmaxes, masked afterwards, would have predicted class 2
+    after = model(features)[0]
+    assert after[[0, 2]].argmax() == 1 and not torch.allclose(after[[0, 2]].exp().sum(), torch.tensor(1.0))
+    # masking the view's output again (what rftlib.evaluate does) changes nothing
+    from rftlib.data.imagenet import project_logits
+
+    assert torch.equal(project_logits(dataset, "imagenet-r", view(features)), view(features))
 
 
 def test_training_step_uses_soft_labels_by_example_index(data):

@@ -33,7 +33,19 @@ concept-description head, both rebuilt from the fine-tuned text tower with its l
 classifier a run returns outputs ``log p`` (:class:`DualHeadClassifier`), so
 :func:`rftlib.evaluate.evaluate` and WiSE-FT-style tools work on it. :func:`beta_sweep` computes the
 image features **once** per split, applies both heads, and mixes any number of betas with no further
-forward pass (the released evaluation runs the image encoder once per head).
+forward pass (the released evaluation runs the image encoder once per head). On a split that covers
+only some classes (ImageNet-R/A: 200 of 1000) each head's logits are masked to those classes
+*before* its softmax, as the released ``eval_helper.py`` projects each head before mixing
+(:meth:`DualHeadClassifier.for_split`; the run's evaluations and WiSE-FT's go through it).
+
+This module declares its evaluation model to the method interface (:func:`build_classifier`): both
+heads rebuilt from whatever CLIP weights it is given, mixed at the config's ``beta``. WiSE-FT over a
+DRM checkpoint finds it through the registry from the checkpoint's recorded method and evaluates
+every alpha with it, at the ``beta`` recorded in the checkpoint's config (WiSE-FT's
+``classifier_knobs`` can change it). The interpolation itself is the FLYP-style one (the whole
+CLIP, both towers and the logit scale, so both heads move from their zero-shot to their
+fine-tuned versions): the paper reports DRM with WiSE-FT, but the released code interpolates
+nothing (:mod:`rftlib.methods.wiseft`).
 
 Fixed or made explicit compared with the released code (evaluation only; training code was never
 published): concept descriptions are mapped to classes by label index or name, never by JSON key
@@ -48,15 +60,17 @@ paraphrases per class); ``templates`` (default-template captions; None: the data
 ``iwildcam``/``fmow``/``imagenet`` use FLYP's README recipes, which DRM builds on, and the released
 evaluation's one df template per dataset (``a photo of {}.``, ``satellite photo of a {}.``, ``a good
 photo of the {}.``); ``lam=1`` and the normalisation axis are *not* from released code.
-``synthwild`` is a CPU recipe of a couple of minutes. Not done yet: WiSE-FT over a DRM checkpoint
-rebuilds only a default-prompt head (it drops the cd head and the beta mix).
+``synthwild`` is a CPU recipe of a couple of minutes. Not covered: the shared loop's per-epoch
+evaluations (``train.eval_splits``, ID validation by default) call :func:`rftlib.evaluate.evaluate`
+on the mixed output directly, so a projected split placed there is masked after the mix.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -72,7 +86,15 @@ from ..evaluate import EvalResult, encode_split
 from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts
 from ..task import Batch
 from ..train import TrainConfig
-from .common import RunContext, RunResult, metrics_at, refuse_accumulation, sweep_table, tidy_rows
+from .common import (
+    RunContext,
+    RunResult,
+    SplitAwareClassifier,
+    metrics_at,
+    refuse_accumulation,
+    sweep_table,
+    tidy_rows,
+)
 from .concepts import (
     ClassPrompts,
     ConceptDescriptionError,
@@ -187,20 +209,48 @@ def dual_logits(df_logits: torch.Tensor, cd_logits: torch.Tensor, beta: float) -
     return torch.logsumexp(parts, dim=0)
 
 
-class DualHeadClassifier(nn.Module):
+class DualHeadClassifier(SplitAwareClassifier):
     """Image tower + the default-template head + the concept-description head.
 
     ``forward`` returns the dual-inference log-probabilities at ``beta``; :meth:`both` returns the two
     heads' logits from a single pass through the image tower.
+
+    On a split that covers only some classes (ImageNet-R/A: ``dataset.info["logit_projection"]``),
+    each head's logits must be restricted to those classes *before* the two softmaxes are mixed, as
+    DRM's released evaluation does: masking the mixture afterwards keeps each softmax normalised over
+    all 1000 classes, and the head whose mass lies outside the split then barely counts.
+    :meth:`for_split` returns that restricted view (``project``); :meth:`RunContext.evaluate_split
+    <rftlib.methods.common.RunContext.evaluate_split>` and :func:`head_logits` use it.
+
+    Args:
+        visual, df_head, cd_head: the image tower and the two heads (shared, not copied).
+        beta: weight of the df head's probabilities.
+        project: applied to each head's logits before the mix (set by :meth:`for_split`).
     """
 
-    def __init__(self, visual: nn.Module, df_head: nn.Module, cd_head: nn.Module, beta: float = 0.5):
+    def __init__(self, visual: nn.Module, df_head: nn.Module, cd_head: nn.Module, beta: float = 0.5,
+                 project: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.visual, self.df_head, self.cd_head, self.beta = visual, df_head, cd_head, float(beta)
+        self.project = project
+
+    def for_split(self, dataset: RFTDataset, split: str) -> DualHeadClassifier:
+        """This model as evaluated on ``split``: each head masked to the split's classes
+        (:func:`rftlib.data.imagenet.project_logits`, mode ``"mask"``) when the split has a logit
+        projection, else ``self``. The view shares the towers and heads."""
+        if split not in dataset.info.get("logit_projection", {}):
+            return self
+        from ..data.imagenet import project_logits
+
+        return DualHeadClassifier(self.visual, self.df_head, self.cd_head, self.beta,
+                                  project=functools.partial(project_logits, dataset, split, mode="mask"))
 
     def both(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.visual(images)
-        return self.df_head(features), self.cd_head(features)
+        df, cd = self.df_head(features), self.cd_head(features)
+        if self.project is not None:
+            df, cd = self.project(df), self.project(cd)
+        return df, cd
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return dual_logits(*self.both(images), self.beta)
@@ -225,17 +275,43 @@ def build_dual_classifier(clip: ClipModel, classnames: Sequence[str], templates:
     return DualHeadClassifier(clip.visual, df, cd, beta)
 
 
+def head_templates(cfg: Config, dataset: RFTDataset) -> list[str]:
+    """The df head's templates at evaluation: ``cfg.head_templates``, else the training captions'
+    (``cfg.templates``, else the dataset's)."""
+    return list(cfg.head_templates or cfg.templates or dataset.templates)
+
+
+def build_classifier(clip: ClipModel, state: Mapping[str, torch.Tensor], dataset: RFTDataset,
+                     cfg: Config) -> DualHeadClassifier:
+    """DRM's evaluation model around weights it may not have produced itself (the method interface's
+    :data:`~rftlib.methods.common.ClassifierBuilder`; WiSE-FT calls it at every alpha).
+
+    Both heads are rebuilt from ``clip``'s text tower and logit scale, as after training: the df head
+    from :func:`head_templates`, the cd head from the config's descriptions
+    (:func:`resolve_descriptions`); they are mixed at ``cfg.beta``. For a WiSE-FT merge, ``clip``
+    holds the interpolated CLIP (both towers and the logit scale), so each head lies between the
+    zero-shot model's and the fine-tuned model's.
+
+    Args:
+        clip: a CLIP holding DRM weights (or their merge with the zero-shot CLIP).
+        state: the checkpoint's tensors beyond the CLIP's; a DRM checkpoint has none.
+        dataset: class names, templates and descriptions.
+        cfg: the DRM config the checkpoint was trained with (recorded in its sidecar).
+    """
+    if state:
+        raise ValueError(f"a DRM checkpoint holds the CLIP alone (its heads are rebuilt from the text tower), but "
+                         f"this state also has {sorted(state)[:3]}: was it made by another method?")
+    return build_dual_classifier(clip, dataset.classnames, head_templates(cfg, dataset),
+                                 resolve_descriptions(cfg, dataset), cfg.beta)
+
+
 def head_logits(model: DualHeadClassifier, dataset: RFTDataset, split: str, spec: ImageSpec, *, device=None,
                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The df and cd logits of one split from a single image-encoder pass (ImageNet-R/A projected)."""
-    both = encode_split(_BothHeads(model), dataset.split(split), spec, device=device, batch_size=batch_size,
-                        desc=f"eval {split}")
-    df, cd = both.chunk(2, dim=-1)
-    if split in dataset.info.get("logit_projection", {}):  # project each head before its softmax, as DRM does
-        from ..data.imagenet import project_logits
-
-        df, cd = project_logits(dataset, split, df), project_logits(dataset, split, cd)
-    return df, cd
+    """The df and cd logits of one split from a single image-encoder pass, each masked to the split's
+    classes when it covers only some (ImageNet-R/A: :meth:`DualHeadClassifier.for_split`)."""
+    both = encode_split(_BothHeads(model.for_split(dataset, split)), dataset.split(split), spec, device=device,
+                        batch_size=batch_size, desc=f"eval {split}")
+    return both.chunk(2, dim=-1)
 
 
 def beta_sweep(model: DualHeadClassifier, dataset: RFTDataset, splits: Sequence[str], betas: Sequence[float],
@@ -317,8 +393,8 @@ class DRMTask(FlypTask):
                 "logit_scale": scale.detach()}
 
     def classifier(self) -> nn.Module:
-        head_templates = list(self.drm.head_templates or self.templates)
-        return build_dual_classifier(self.clip, self.classnames, head_templates, self.descriptions, self.drm.beta)
+        templates = list(self.drm.head_templates or self.templates)  # head_templates(cfg, dataset)
+        return build_dual_classifier(self.clip, self.classnames, templates, self.descriptions, self.drm.beta)
 
 
 def resolve_descriptions(cfg: Config, dataset: RFTDataset) -> list[ClassPrompts]:
@@ -375,5 +451,6 @@ def run(ctx: RunContext, cfg: Config) -> RunResult:
                         descriptions=descriptions, soft_labels=targets)
 
 
-__all__ = ["Config", "DRMTask", "DualHeadClassifier", "NAME", "PRESETS", "beta_sweep", "build_dual_classifier",
-           "dual_logits", "head_logits", "resolve_descriptions", "run", "soft_labels", "zeroshot_cd_logits"]
+__all__ = ["Config", "DRMTask", "DualHeadClassifier", "NAME", "PRESETS", "beta_sweep", "build_classifier",
+           "build_dual_classifier", "dual_logits", "head_logits", "head_templates", "resolve_descriptions", "run",
+           "soft_labels", "zeroshot_cd_logits"]
