@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from rftlib.data import DataNotFoundError, get_dataset
+from rftlib.data.disk_cache import source_key
 from rftlib.data.imagenet import project_logits
 from rftlib.data.objectnet import MAPPING_FILES, group_logits
 from rftlib.data.views import reader_for
@@ -183,8 +184,11 @@ def test_every_objectnet_image_loses_a_two_pixel_border(root):
     assert (image[0] == 10).all() and (image[1] == INTERIOR["alarm_clock"]).all()  # no red frame left
     with Image.open(split.images.paths[0]) as raw:
         assert raw.size == (14, 12) and raw.getpixel((0, 0)) == RED
-    subset = split.subset([2])  # a subset keeps the image files (and labels, metadata)
+    subset = split.subset([2])  # a subset keeps the image files, their border, labels and metadata
     assert subset.labels.tolist() == [1] and subset.metadata["objectnet_class"].tolist() == ["Banana"]
+    assert subset.images.border == 2 and tuple(reader_for(subset.images).read(0).shape) == (3, 8, 10)
+    paths = split.images.paths
+    assert source_key(paths, 224, 2) != source_key(paths, 224) == source_key(paths, 224, 0)  # cached apart
 
 
 @pytest.mark.parametrize("name", MAPPING_FILES)

@@ -4,7 +4,7 @@
 
 * ``synthwild`` -- the embedded procedurally generated camera-trap world (default; offline).
 * ``iwildcam``, ``fmow`` -- WILDS benchmarks through the ``wilds`` package (official splits).
-* ``imagenet`` -- ImageNet val as ID plus whichever shifts are present (V2, Sketch, R, A).
+* ``imagenet`` -- ImageNet val as ID plus whichever shifts are present (V2, Sketch, R, A, ObjectNet).
 * ``domains`` -- PACS/VLCS-style ``root/<domain>/<class>/<image>`` folders, leave-one-domain-out.
 * ``folder`` -- a user's own data: ``root/<split>/<class>/<image>`` or a CSV.
 
@@ -56,6 +56,15 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+def identity_options(**kwargs) -> dict:
+    """The ``dataset.options`` that :func:`get_dataset` would record for these options, without
+    loading anything (what a run's identity holds; :mod:`rftlib.sweep` plans runs with it)."""
+    options = dict(kwargs)
+    sampling = pop_few_shot(options)
+    options = {k: v for k, v in options.items() if k not in IO_OPTIONS}
+    return {**options, **sampling.options()} if sampling is not None else options
+
+
 def get_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> RFTDataset:
     """Load a dataset by name.
 
@@ -82,5 +91,5 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -> R
 
 __all__ = [
     "ArrayImages", "DATASETS", "DataNotFoundError", "FileImages", "ImageReadError", "RFTDataset", "Split",
-    "default_data_root", "get_dataset", "list_datasets",
+    "default_data_root", "get_dataset", "identity_options", "list_datasets",
 ]

@@ -15,6 +15,7 @@ worst-region accuracy without "Other", top-1 for ImageNet).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ class Split:
         if isinstance(self.images, ArrayImages):
             images: ImageSource = ArrayImages(self.images.array[idx])
         else:
-            images = FileImages(tuple(self.images.paths[i] for i in idx))
+            images = dataclasses.replace(self.images, paths=tuple(self.images.paths[i] for i in idx))  # keeps a border
         meta = self.metadata.iloc[idx].reset_index(drop=True) if len(self.metadata) else self.metadata
         return Split(name or self.name, self.role, images, self.labels[idx], meta)
 

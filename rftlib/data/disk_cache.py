@@ -37,7 +37,7 @@ import torch
 
 from ..atomic import write_atomically, write_text_atomically
 from .base import FileImages
-from .views import decode_views
+from .views import CroppedFileImages, decode_views
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the bytes of a view change (decoder, geometry, resampling)
@@ -51,9 +51,11 @@ def decoded_cache_dir() -> Path:
     return Path(base) / "decoded"
 
 
-def source_key(paths: tuple[str, ...], size: int) -> str:
-    """A digest of the view geometry and every file's path, size and modification time."""
-    digest = hashlib.sha1(f"rftlib-decoded v{FORMAT_VERSION} size={size}\n".encode())
+def source_key(paths: tuple[str, ...], size: int, border: int = 0) -> str:
+    """A digest of the view geometry (size; a decode-time border crop, when there is one) and every
+    file's path, size and modification time."""
+    cropped = f" border={border}" if border else ""  # caches of uncropped files keep their keys
+    digest = hashlib.sha1(f"rftlib-decoded v{FORMAT_VERSION} size={size}{cropped}\n".encode())
     for path in paths:
         try:
             stat = os.stat(path)
@@ -69,7 +71,7 @@ def cached_views(images: FileImages, size: int, *, name: str, workers: int, cach
     decoded and cached on first use (see the module docstring)."""
     folder = Path(cache_dir) if cache_dir is not None else decoded_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    key = source_key(images.paths, size)
+    key = source_key(images.paths, size, images.border if isinstance(images, CroppedFileImages) else 0)
     base = folder / f"{_safe(name)}-{size}px-{key[:20]}"
     with _locked(base.with_suffix(".lock")):
         mapped = _open_verified(base, key, len(images), size)
