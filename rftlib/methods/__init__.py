@@ -141,7 +141,7 @@ def run_method(
     trackers = resolve_track(track)  # an unknown or uninstalled tracker fails before any work
     torch.manual_seed(seed)
     preset = data.name if data is not None else str(dataset).lower()  # settings are checked before data loads
-    cfg = resolve_config(module.Config, module.PRESETS, preset, {**_seeded(module.Config, seed), **(overrides or {})})
+    cfg = run_config(method, preset, seed, overrides)
     data = data if data is not None else get_dataset(dataset, root=data_root, **(dataset_options or {}))
     clip = clip.to(device) if clip is not None else load_clip(model, pretrained, device=device)
     ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=device, seed=seed,
@@ -159,6 +159,26 @@ def run_method(
     ctx.store.finish_run(ctx.run_id)
     result.config = cfg
     return result
+
+
+def run_config(method: str, dataset: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
+    """The resolved config of a run: ``method``'s defaults, its preset for ``dataset``, the seed
+    routed into it, then ``overrides`` (what :func:`run_method` trains with)."""
+    module = get_method(method)
+    return resolve_config(module.Config, module.PRESETS, dataset, {**_seeded(module.Config, seed), **(overrides or {})})
+
+
+def plan_identity(method: str, dataset: str, *, model: str, pretrained: str | None, seed: int = 0,
+                  overrides: Mapping[str, Any] | None = None, dataset_options: Mapping[str, Any] | None = None):
+    """The :class:`rftlib.runs.RunIdentity` that :func:`run_method` will give this run, found without
+    loading data or weights (:mod:`rftlib.sweep` names its runs' folders with it)."""
+    from ..data import DATASETS, identity_options
+    from ..runs import identity_of
+
+    DATASETS.get(dataset)
+    name = dataset.lower()
+    return identity_of(method, name, model, pretrained, seed, run_config(method, name, seed, overrides),
+                       identity_options(**(dataset_options or {})))
 
 
 def open_run(method: str, cfg, *, data, clip, device: torch.device, seed: int, results_db: str | None = None,
@@ -239,4 +259,4 @@ def _seeded(config_cls, seed: int) -> dict:
 
 
 __all__ = ["METHODS", "RunContext", "RunResult", "get_config", "get_method", "list_methods", "open_run",
-           "run_method"]
+           "plan_identity", "run_config", "run_method"]

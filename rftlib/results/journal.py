@@ -228,14 +228,15 @@ class GatherReport:
 
 
 def run_folders(root: str | os.PathLike) -> list[Path]:
-    """The run folders under ``root`` that hold records (``root`` itself if it is one), sorted; a
-    forced run's old folder, moved aside as ``<name>.replaced-<time>``, is not one."""
-    root = Path(root)
-    if (root / RECORDS_DIR).is_dir():
-        return [root]
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if (p / RECORDS_DIR).is_dir() and REPLACED_MARK not in p.name)
+    """Every run folder under ``root`` that holds records, ``root`` itself included, sorted (a base
+    run lives inside the run built on it: WiSE-FT's ``<run>/finetune``); a forced run's old folder,
+    moved aside as ``<name>.replaced-<time>``, is not one."""
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        if RECORDS_DIR in subfolders:
+            found.append(Path(folder))
+        subfolders[:] = [d for d in subfolders if d != RECORDS_DIR and REPLACED_MARK not in d]
+    return sorted(found)
 
 
 def replay(records: Iterable[Mapping[str, Any]], store) -> int:

@@ -1,0 +1,241 @@
+"""The sweep driver: plan the grid, launch what is not done, follow the jobs, gather the records.
+
+One process (this one) launches and follows the jobs and, at the end, gathers every run folder's
+records into the SQLite store (:func:`rftlib.results.journal.gather`); the jobs themselves never
+touch the store. Running the same sweep again launches only the runs that are not done: a run
+killed mid-way resumes from its last checkpoint, a finished one is not touched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..results import ResultsStore, resolve_path
+from ..results import runs_dir as default_runs_dir
+from ..results.journal import GatherReport, RunJournal, gather
+from ..runs import LOCK_FILE
+from .grid import SweepRun, SweepSpec
+from .jobs import ExecutorSettings, RunJob, make_executor
+
+log = logging.getLogger(__name__)
+STATES = ("done", "queued", "running", "failed")
+
+
+def folder_status(folder: Path) -> str:
+    """A run folder's state from its records and lock: ``new`` (no records), ``running`` (its lock is
+    held now), ``interrupted`` (started, not finished, nobody holds it), ``failed`` or ``done``."""
+    status = RunJournal(folder, writer=False).status()
+    if status is None:
+        return "new"
+    if status == "running" or status == "failed":
+        return "running" if _lock_held(folder) else ("interrupted" if status == "running" else "failed")
+    return status
+
+
+def _lock_held(folder: Path) -> bool:
+    """Whether a live process holds the run folder's lock (:class:`rftlib.runs.RunFolder`)."""
+    path = folder / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if we took it
+    return False
+
+
+@dataclass
+class RunState:
+    """A run's place in this launch: its state, submissions so far and its current job."""
+
+    run: SweepRun
+    state: str = "queued"
+    attempts: int = 0
+    job: object | None = None
+    log: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class SweepProgress:
+    """What a progress callback receives after each change: every run's state."""
+
+    runs: list[RunState]
+    skipped: int = 0
+
+    def counts(self) -> dict[str, int]:
+        found = Counter(r.state for r in self.runs)
+        return {state: found.get(state, 0) for state in STATES}
+
+    def line(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
+        already = f" ({self.skipped} done before)" if self.skipped else ""
+        return f"[sweep {time.strftime('%H:%M:%S')}] {len(self.runs)} run(s){already}: {counts}"
+
+
+def print_progress(progress: SweepProgress) -> None:
+    """The default progress report: one line of counts, and each newly failed run with its log."""
+    print(progress.line(), flush=True)
+    for state in progress.runs:
+        if state.state == "failed" and state.error:
+            print(f"  failed: {state.run.label()} ({state.run.run_id}): {state.error}", flush=True)
+            print(f"    log: {state.log}", flush=True)
+            state.error = None  # reported once
+
+
+@dataclass
+class SweepReport:
+    """The outcome of :meth:`Sweep.launch`: every run's final state and what was gathered."""
+
+    states: list[RunState]
+    skipped: list[SweepRun]
+    gathered: GatherReport | None
+    seconds: float
+    results_db: Path
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[RunState]:
+        return [s for s in self.states if s.state == "failed"]
+
+
+class Sweep:
+    """A grid of runs to launch through submitit (see :mod:`rftlib.sweep`).
+
+    Args:
+        spec: the grid.
+        executor: where jobs run (default: local, CPU, one at a time).
+        runs_dir: the run folders (default :func:`rftlib.results.runs_dir`).
+        results_db: the SQLite store the records are gathered into (default: the usual one).
+        logs_dir: submitit's job logs (default ``<runs_dir>/sweep-logs``).
+        track: experiment trackers every run sends its curves to (:mod:`rftlib.tracking`).
+    """
+
+    def __init__(self, spec: SweepSpec, *, executor: ExecutorSettings | None = None, runs_dir: str | Path | None = None,
+                 results_db: str | Path | None = None, logs_dir: str | Path | None = None,
+                 track: str | tuple[str, ...] = ()):
+        from ..tracking import resolve_track
+
+        self.spec = spec
+        self.track = resolve_track(track)  # an unknown or uninstalled tracker fails before any job
+        self.executor = executor or ExecutorSettings()
+        self.runs_dir = Path(runs_dir).absolute() if runs_dir is not None else default_runs_dir()
+        self.results_db = resolve_path(results_db)
+        self.logs_dir = Path(logs_dir) if logs_dir is not None else self.runs_dir / "sweep-logs"
+        self.runs = spec.expand()
+
+    def folder(self, run: SweepRun) -> Path:
+        return self.runs_dir / run.run_id
+
+    def plan(self) -> pd.DataFrame:
+        """One row per run: id, label, state (:func:`folder_status`) and folder (``--dry-run``)."""
+        rows = [{"run_id": r.run_id, "run": r.label(), "state": folder_status(self.folder(r)),
+                 "folder": str(self.folder(r))} for r in self.runs]
+        return pd.DataFrame(rows, columns=["run_id", "run", "state", "folder"])
+
+    def gather(self) -> GatherReport:
+        """Gather every run folder's records into the results store (this process only)."""
+        return gather(self.runs_dir, ResultsStore(self.results_db, writer=True))
+
+    def launch(self, *, wait: bool = True, poll_s: float = 2.0,
+               progress: Callable[[SweepProgress], None] | None = print_progress) -> SweepReport:
+        """Launch every run that is not done; with ``wait``, follow them to the end (resubmitting
+        failures up to ``executor.retries`` times) and gather the records into the store."""
+        start = time.perf_counter()
+        skipped = [r for r in self.runs if folder_status(self.folder(r)) == "done"]
+        states = [RunState(r) for r in self.runs if r not in skipped]
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        executor = make_executor(self.executor, self.logs_dir)
+        if self.executor.kind == "local":
+            self._follow_local(executor, states, skipped, wait, poll_s, progress)
+        else:
+            self._follow_cluster(executor, states, skipped, wait, poll_s, progress)
+        gathered = self.gather() if wait else None
+        report = SweepReport(states, skipped, gathered, time.perf_counter() - start, self.results_db,
+                             SweepProgress(states, len(skipped)).counts())
+        return report
+
+    # ----------------------------------------------------------------------------- following jobs
+    def _job(self, run: SweepRun) -> RunJob:
+        return RunJob(run, str(self.results_db), str(self.runs_dir), self.executor.device, self.executor.gpus,
+                      self.executor.nodes, self.track)
+
+    def _follow_local(self, executor, states, skipped, wait, poll_s, progress) -> None:
+        """Keep one job per GPU slot (or ``parallel`` CPU jobs) running until every run ends."""
+        free = list(self.executor.gpu_slots())
+        slot_of: dict[int, tuple[int, ...]] = {}
+        changed = True
+        while True:
+            for i, state in enumerate(states):
+                if state.state == "queued" and free:
+                    slot = free.pop(0)
+                    executor.update_parameters(visible_gpus=slot, gpus_per_node=len(slot))
+                    self._submit(executor, state)
+                    slot_of[i], changed = slot, True
+            for i, state in enumerate(states):
+                if state.state == "running" and state.job.done():
+                    self._settle(state)
+                    free.append(slot_of.pop(i))
+                    changed = True
+            if changed and progress:
+                progress(SweepProgress(states, len(skipped)))
+            changed = False
+            if not wait or not any(s.state in ("queued", "running") for s in states):
+                return
+            time.sleep(poll_s)
+
+    def _follow_cluster(self, executor, states, skipped, wait, poll_s, progress) -> None:
+        """Submit every run as one job array, then follow them (resubmitting failures)."""
+        with executor.batch():
+            for state in states:
+                self._submit(executor, state, batched=True)
+        for state in states:  # job ids (and so log paths) exist once the array is submitted
+            state.log = str(state.job.paths.stderr)
+        while True:
+            if progress:
+                progress(SweepProgress(states, len(skipped)))
+            if not wait:
+                return
+            pending = [s for s in states if s.state == "running"]
+            if not pending:
+                return
+            time.sleep(poll_s)
+            for state in pending:
+                if state.job.done():
+                    self._settle(state)
+                    if state.state == "queued":
+                        self._submit(executor, state)
+
+    def _submit(self, executor, state: RunState, batched: bool = False) -> None:
+        state.job = executor.submit(self._job(state.run))
+        state.attempts += 1
+        state.state = "running"
+        if not batched:
+            state.log = str(state.job.paths.stderr)
+
+    def _settle(self, state: RunState) -> None:
+        """A finished job: ``done`` if its run's records say so, else requeued (retries left) or failed."""
+        state.log = str(state.job.paths.stderr)
+        error = None
+        try:
+            state.job.result()
+        except Exception as err:  # the job's exception, or submitit's report of a dead job
+            error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if error is None and folder_status(self.folder(state.run)) == "done":
+            state.state = "done"
+            return
+        state.error = error or "the job ended but its run did not record 'done'"
+        state.state = "queued" if state.attempts <= self.executor.retries else "failed"
+        log.warning("run %s: %s (attempt %d)", state.run.run_id, state.error, state.attempts)
