@@ -258,5 +258,5 @@ def _seeded(config_cls, seed: int) -> dict:
     return {"seed": seed} if "seed" in fields else {}
 
 
-__all__ = ["METHODS", "RunContext", "RunResult", "get_config", "get_method", "list_methods", "open_run",
-           "plan_identity", "run_config", "run_method"]
+__all__ = ["METHODS", "MethodContractError", "RunContext", "RunResult", "check_method_module", "classifier_builder",
+           "get_config", "get_method", "list_methods", "open_run", "plan_identity", "run_config", "run_method"]
