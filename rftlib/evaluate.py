@@ -28,6 +28,7 @@ from .data.base import RFTDataset, Split
 from .data.loading import LoaderSettings
 from .data.pipeline import ImageSpec, eval_batches, normalize
 from .data.views import batches_of
+from .models.heads import for_split
 from .progress import progress
 
 
@@ -131,12 +132,14 @@ def evaluate(
     device: torch.device | str | None = None, batch_size: int = 256, amp: bool = False,
     settings: LoaderSettings | None = None, progress_mode: str | None = "off",
 ) -> EvalResult:
-    """Evaluate an image classifier on one split with the dataset's official metrics.
+    """Evaluate an image classifier on one split with the dataset's official metrics (a
+    :class:`~rftlib.models.SplitAwareClassifier` as its view of that split).
 
     ``settings`` say how the split's images are read (workers, the on-disk cache); default: the
     environment's (:class:`rftlib.data.loading.LoaderSettings`).
     """
     s = dataset.split(split) if isinstance(split, str) else split
+    model = for_split(model, dataset, s.name)  # DRM: each head restricted to the split's classes before the mix
     logits = encode_split(model, s, spec, device=device, batch_size=batch_size, amp=amp, settings=settings,
                           progress_mode=progress_mode, desc=f"eval {s.name}")
     if s.name in dataset.info.get("logit_projection", {}):  # ImageNet-R/A: 200 of the 1000 classes

@@ -175,8 +175,7 @@ def test_each_head_is_masked_to_the_split_classes_before_the_softmaxes_mix():
     import math
     from types import SimpleNamespace
 
-    from rftlib.methods.common import for_split
-    from rftlib.models import ZeroShotHead
+    from rftlib.models import ZeroShotHead, for_split
 
     dataset = SimpleNamespace(classnames=["a", "b", "c", "d"], info={"logit_projection": {"imagenet-r": [0, 2]}})
     features = torch.ones(1, 1)  # one image; each head's weight is its logits as a (4 classes x 1) column

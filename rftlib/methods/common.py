@@ -14,7 +14,7 @@ so the method interface declares it as a :data:`ClassifierBuilder`
 ``build_classifier(clip, state, dataset, cfg)``; a method that declares none is evaluated by
 :func:`single_head_classifier` (its checkpoint's head, or a zero-shot head). A model that must know
 which split it is evaluated on (DRM masks each head to ImageNet-R/A's 200 classes before mixing)
-is a :class:`SplitAwareClassifier`; :meth:`RunContext.evaluate_split` hands it the split.
+is a :class:`~rftlib.models.SplitAwareClassifier`; :func:`rftlib.evaluate.evaluate` hands it the split.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ class RunContext:
         return [n for n, s in self.dataset.splits.items() if s.role in ("id", "ood")]
 
     def evaluate_split(self, model: nn.Module, split: str) -> EvalResult:
-        """Evaluate ``model`` on ``split`` without logging anything; a :class:`SplitAwareClassifier`
-        is evaluated as its :meth:`~SplitAwareClassifier.for_split` view of that split."""
-        return evaluate(for_split(model, self.dataset, split), self.dataset, split, self.spec, device=self.device,
-                        settings=self.loader, progress_mode=self.progress)
+        """Evaluate ``model`` on ``split`` without logging anything (a
+        :class:`~rftlib.models.SplitAwareClassifier` as its view of that split: :func:`rftlib.evaluate.evaluate`)."""
+        return evaluate(model, self.dataset, split, self.spec, device=self.device, settings=self.loader,
+                        progress_mode=self.progress)
 
     def evaluate(self, model: nn.Module, split: str, *, kind: str = "final", knobs: Mapping[str, float] | None = None,
                  epoch: int | None = None) -> EvalResult:
@@ -209,26 +209,6 @@ def single_head_classifier(clip: ClipModel, state: Mapping[str, torch.Tensor], d
     """The :data:`ClassifierBuilder` of a method that declares none: one head
     (:func:`head_classifier` with the dataset's class names and templates); ``cfg`` is not read."""
     return head_classifier(clip, state, dataset.classnames, dataset.templates)
-
-
-class SplitAwareClassifier(nn.Module):
-    """An evaluation model whose outputs depend on the split beyond its images.
-
-    ImageNet-R/A label 200 of the 1000 classes (``dataset.info["logit_projection"]``);
-    :func:`rftlib.evaluate.evaluate` masks the *final* logits to them. That is right for one head,
-    not for a model that combines several outputs nonlinearly: DRM mixes two softmaxes, and its
-    release restricts each head to the split's classes *before* the softmax. Such a model subclasses
-    this and returns from :meth:`for_split` the module to evaluate on a split (a view sharing its
-    weights). Masking its outputs again afterwards changes nothing.
-    """
-
-    def for_split(self, dataset: RFTDataset, split: str) -> nn.Module:
-        raise NotImplementedError
-
-
-def for_split(model: nn.Module, dataset: RFTDataset, split: str) -> nn.Module:
-    """The module that evaluates ``split``: a :class:`SplitAwareClassifier`'s view of it, else ``model``."""
-    return model.for_split(dataset, split) if isinstance(model, SplitAwareClassifier) else model
 
 
 def tidy_rows(dataset: RFTDataset, knobs: Mapping[str, float], split: str, role: str,

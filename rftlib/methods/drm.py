@@ -83,13 +83,12 @@ from ..data.base import RFTDataset, Split
 from ..data.loading import LoaderSettings
 from ..data.pipeline import ImageSpec
 from ..evaluate import EvalResult, encode_split
-from ..models import ClipModel, ImageClassifier, build_zeroshot_head, encode_class_prompts
+from ..models import ClipModel, ImageClassifier, SplitAwareClassifier, build_zeroshot_head, encode_class_prompts
 from ..task import Batch
 from ..train import TrainConfig
 from .common import (
     RunContext,
     RunResult,
-    SplitAwareClassifier,
     metrics_at,
     refuse_accumulation,
     sweep_table,
@@ -219,8 +218,8 @@ class DualHeadClassifier(SplitAwareClassifier):
     each head's logits must be restricted to those classes *before* the two softmaxes are mixed, as
     DRM's released evaluation does: masking the mixture afterwards keeps each softmax normalised over
     all 1000 classes, and the head whose mass lies outside the split then barely counts.
-    :meth:`for_split` returns that restricted view (``project``); :meth:`RunContext.evaluate_split
-    <rftlib.methods.common.RunContext.evaluate_split>` and :func:`head_logits` use it.
+    :meth:`for_split` returns that restricted view (``project``); :func:`rftlib.evaluate.evaluate` (so
+    every run, sweep, per-epoch and WiSE-FT evaluation) and :func:`head_logits` use it.
 
     Args:
         visual, df_head, cd_head: the image tower and the two heads (shared, not copied).

@@ -9,11 +9,13 @@ from .checkpoint import (
 )
 from .heads import (
     ImageClassifier,
+    SplitAwareClassifier,
     ZeroShotHead,
     build_image_classifier,
     build_zeroshot_head,
     class_prompts,
     encode_class_prompts,
+    for_split,
 )
 from .loading import (
     PROJECT_MODELS,
@@ -28,8 +30,8 @@ from .sidecar import CheckpointMismatchError, CorruptCheckpointError, check_side
 
 __all__ = [
     "CheckpointMismatchError", "ClipModel", "CorruptCheckpointError", "ImageClassifier", "PROJECT_MODELS",
-    "WeightsRefusedError", "WeightsUnavailableError",
+    "SplitAwareClassifier", "WeightsRefusedError", "WeightsUnavailableError",
     "ZeroShotHead", "build_image_classifier", "build_zeroshot_head", "check_sidecar", "class_prompts",
-    "classifier_state", "encode_class_prompts", "export_open_clip_weights", "get_tokenizer", "list_models",
+    "classifier_state", "encode_class_prompts", "export_open_clip_weights", "for_split", "get_tokenizer", "list_models",
     "load_checkpoint", "load_classifier", "load_clip", "read_sidecar", "save_checkpoint",
 ]

@@ -15,13 +15,16 @@ WiSE-FT interpolation work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .loading import ClipModel
+
+if TYPE_CHECKING:
+    from ..data.base import RFTDataset
 
 ClassPrompts = Union[str, Sequence[str]]
 
@@ -124,3 +127,24 @@ def build_zeroshot_head(
 def build_image_classifier(clip: ClipModel, head: ZeroShotHead) -> ImageClassifier:
     """An :class:`ImageClassifier` sharing ``clip``'s image tower (not a copy)."""
     return ImageClassifier(clip.visual, head.to(clip.device))
+
+
+class SplitAwareClassifier(nn.Module):
+    """An evaluation model whose outputs depend on the split beyond its images.
+
+    ImageNet-R/A label 200 of the 1000 classes and ObjectNet 113 groups of them
+    (``dataset.info["logit_projection"]``); :func:`rftlib.evaluate.evaluate` masks the *final*
+    logits to them. That is right for one head, not for a model that combines several outputs
+    nonlinearly: DRM mixes two softmaxes, and its release restricts each head to the split's classes
+    *before* the softmax. Such a model subclasses this and returns from :meth:`for_split` the module
+    to evaluate on a split (a view sharing its weights); :func:`rftlib.evaluate.evaluate` always
+    evaluates that view. Masking its outputs again afterwards changes nothing.
+    """
+
+    def for_split(self, dataset: RFTDataset, split: str) -> nn.Module:
+        raise NotImplementedError
+
+
+def for_split(model: nn.Module, dataset: RFTDataset, split: str) -> nn.Module:
+    """The module that evaluates ``split``: a :class:`SplitAwareClassifier`'s view of it, else ``model``."""
+    return model.for_split(dataset, split) if isinstance(model, SplitAwareClassifier) else model
