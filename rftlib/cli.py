@@ -35,7 +35,7 @@ from . import dist as rdist
 from .data import DATASETS, DataNotFoundError, RFTDataset, get_dataset, list_datasets
 from .data.loading import BAD_IMAGE_POLICIES, INPUT_PATHS, LoaderSettings
 from .devices import resolve_device
-from .methods import get_config, get_method, list_methods, run_method
+from .methods import data_options_for, get_config, get_method, list_methods, run_method
 from .registry import UnknownNameError
 from .tracking import TRACKERS, resolve_track
 
@@ -135,7 +135,8 @@ def _resolve_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         loader = LoaderSettings(workers=args.workers, memory_budget=args.memory_budget, input_path=args.input_path,
                                 on_bad_image=args.on_bad_image, prepared=args.prepared)
     with _one_line_error(parser, "--data-option"), _one_line_error(parser, "--data-root", (DataNotFoundError,)):
-        data = get_dataset(args.dataset, root=args.data_root, **dict(args.data_option))
+        options = data_options_for(args.method, args.dataset, dict(args.data_option), seed=args.seed)
+        data = get_dataset(args.dataset, root=args.data_root, **options)
     return loader, data
 
 

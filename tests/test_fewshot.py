@@ -105,3 +105,43 @@ def test_a_dataset_without_a_train_split_records_the_option(data):
     del without.splits["train"]
     apply_few_shot(without, FewShot(2))
     assert without.options["shots"] == 2 and "few_shot" not in without.info
+
+
+@pytest.mark.parametrize("given, seed, expected", [
+    ({}, 2, {"shots": 16, "shots_seed": 2}),  # Setup-I: 16 shots, drawn with the run's seed
+    ({"shots_seed": 5}, 2, {"shots": 16, "shots_seed": 5}),
+    ({"shots": 4}, 2, {"shots": 4}),
+    ({"shots": None}, 2, {}),  # the whole train split
+])
+def test_croft_loads_imagenet_few_shot_by_its_data_preset(given, seed, expected):
+    from rftlib.methods import data_options_for
+
+    assert data_options_for("croft", "imagenet", given, seed=seed) == expected
+    assert data_options_for("finetune", "imagenet", given, seed=seed) == {k: v for k, v in given.items()
+                                                                          if v is not None}
+
+
+def test_the_cli_and_planned_runs_apply_the_data_preset(tmp_path):
+    from rftlib import cli
+    from rftlib.methods import plan_identity
+
+    from .fakes import make_fake_imagenet
+
+    root = make_fake_imagenet(tmp_path / "data", train_per_class=20)
+    parser = cli.build_parser()
+    args = parser.parse_args(["--method", "croft", "--dataset", "imagenet", "--data-root", str(root), "--seed", "3"])
+    _, data = cli._resolve_inputs(parser, args)
+    assert data.options == {"shots": 16, "shots_seed": 3} and len(data.split("train")) == 3 * 16
+    planned = plan_identity("croft", "imagenet", model="rft-tiny", pretrained=None, seed=3)
+    assert planned.dataset_options == data.options
+
+
+def test_a_malformed_data_preset_is_refused():
+    import types
+
+    from rftlib.methods import MethodContractError, check_method_module
+
+    module = types.ModuleType("rftlib.methods.broken")
+    module.DATA_PRESETS = {"imagenet": 16}
+    with pytest.raises(MethodContractError, match="broken.DATA_PRESETS must map dataset names"):
+        check_method_module(module)

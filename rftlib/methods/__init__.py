@@ -14,6 +14,11 @@ two heads and a mix of their softmaxes), so that WiSE-FT, merging the method's c
 the zero-shot CLIP, evaluates the merge as the method would; :func:`classifier_builder` hands it out
 and :func:`get_method` refuses a module whose declaration does not have that signature. Methods
 without one are evaluated by :func:`~rftlib.methods.common.single_head_classifier`.
+
+A second is optional too: ``DATA_PRESETS``, per-dataset *dataset* options a paper's setting implies
+(CRoFT's Setup-I trains on 16 images per ImageNet class: ``{"imagenet": {"shots": 16}}``).
+:func:`data_options_for` applies them wherever a run loads its data by name (:func:`run_method`,
+the CLI, sweeps); options the user gives win.
 """
 
 from __future__ import annotations
@@ -61,11 +66,17 @@ def get_method(name: str) -> ModuleType:
 
 def check_method_module(module: ModuleType) -> ModuleType:
     """Refuse a method module whose optional ``build_classifier`` is not a function of exactly
-    ``(clip, state, dataset, cfg)`` (:data:`~rftlib.methods.common.ClassifierBuilder`); return it.
+    ``(clip, state, dataset, cfg)`` (:data:`~rftlib.methods.common.ClassifierBuilder`), or whose
+    optional ``DATA_PRESETS`` is not a mapping of dataset name to a mapping of options; return it.
 
     Raises:
-        MethodContractError: naming the module and the signature it has.
+        MethodContractError: naming the module and what is wrong.
     """
+    presets = vars(module).get("DATA_PRESETS", {})
+    if not isinstance(presets, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping)
+                                                   for k, v in presets.items()):
+        raise MethodContractError(f"{module.__name__}.DATA_PRESETS must map dataset names to option mappings "
+                                  f"(e.g. {{'imagenet': {{'shots': 16}}}}), got {presets!r}")
     builder = vars(module).get("build_classifier")
     if builder is None:
         return module
@@ -86,6 +97,20 @@ def classifier_builder(method: str) -> ClassifierBuilder | None:
     """The evaluation-model builder ``method`` declares, or ``None`` when it declares none (a one-head
     method: :func:`~rftlib.methods.common.single_head_classifier` builds its model, from no config)."""
     return vars(get_method(method)).get("build_classifier")
+
+
+def data_options_for(method: str, dataset: str, given: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:
+    """The options a run of ``method`` loads ``dataset`` with: the method's ``DATA_PRESETS`` for it,
+    then ``given`` (which win). A preset's few-shot draw follows the run ``seed`` (``shots_seed``),
+    as the papers draw one few-shot set per seed; ``given`` holding ``shots`` (``None``: the whole
+    train split) replaces the preset's few-shot setting altogether."""
+    given = dict(given or {})
+    preset = dict(vars(get_method(method)).get("DATA_PRESETS", {}).get(dataset.lower(), {}))
+    if "shots" in given:
+        preset = {k: v for k, v in preset.items() if k not in ("shots", "shots_seed")}
+    elif "shots" in preset:
+        preset.setdefault("shots_seed", seed)
+    return {k: v for k, v in {**preset, **given}.items() if not (k == "shots" and v is None)}
 
 
 def get_config(method: str, dataset: str = "synthwild", overrides: Mapping[str, Any] | None = None):
@@ -142,7 +167,9 @@ def run_method(
     torch.manual_seed(seed)
     preset = data.name if data is not None else str(dataset).lower()  # settings are checked before data loads
     cfg = run_config(method, preset, seed, overrides)
-    data = data if data is not None else get_dataset(dataset, root=data_root, **(dataset_options or {}))
+    if data is None:
+        options = data_options_for(method, preset, dataset_options, seed=seed)
+        data = get_dataset(dataset, root=data_root, **options)
     clip = clip.to(device) if clip is not None else load_clip(model, pretrained, device=device)
     ctx = open_run(module.NAME, cfg, data=data, clip=clip, device=device, seed=seed,
                    results_db=results_db, out_dir=out_dir, force=force, progress=progress, callbacks=callbacks,
@@ -177,8 +204,9 @@ def plan_identity(method: str, dataset: str, *, model: str, pretrained: str | No
 
     DATASETS.get(dataset)
     name = dataset.lower()
+    options = data_options_for(method, name, dataset_options, seed=seed)
     return identity_of(method, name, model, pretrained, seed, run_config(method, name, seed, overrides),
-                       identity_options(**(dataset_options or {})))
+                       identity_options(**options))
 
 
 def open_run(method: str, cfg, *, data, clip, device: torch.device, seed: int, results_db: str | None = None,
@@ -259,4 +287,5 @@ def _seeded(config_cls, seed: int) -> dict:
 
 
 __all__ = ["METHODS", "MethodContractError", "RunContext", "RunResult", "check_method_module", "classifier_builder",
-           "get_config", "get_method", "list_methods", "open_run", "plan_identity", "run_config", "run_method"]
+           "get_config", "get_method", "list_methods", "open_run",
+           "data_options_for", "plan_identity", "run_config", "run_method"]

@@ -55,9 +55,10 @@ Follows the release (``trainers/CRoFT.py`` and its Dassl configs ``ViT_ep30`` / 
   horizontal flip;
 * detection's ID reference: only the *correctly classified* ID samples set the threshold and are
   AUROC's positives (``id_reference="correct"``, the default; ``"all"`` keeps every ID sample);
-* Setup-I's (and Setup-II's) 16 training images per class: the dataset option ``shots=16``
-  (:mod:`rftlib.data.fewshot`), which a method preset cannot set, so ``run`` warns when an
-  ImageNet run is not few-shot.
+* Setup-I's (and Setup-II's) 16 training images per class, drawn per seed: ``DATA_PRESETS`` gives
+  a run that loads ImageNet or PACS by name the dataset options ``shots=16, shots_seed=<run seed>``
+  (:mod:`rftlib.data.fewshot`); ``run`` warns when an ImageNet run is still not few-shot (data
+  loaded beforehand, or ``shots=null``).
 
 Differs from it:
 
@@ -106,9 +107,9 @@ an optional external dataset ``open_set`` (``"name"`` or ``"name:root"`` of
 
 Paper: Zhu, Yang, Gu, Wang, Zhou, Ye, "Robust Fine-Tuning with Concurrent Optimization for OOD
 Generalization and Open-Set OOD Detection", ICML 2024 (arXiv 2405.16417). Presets: ``imagenet``
-is Setup-I's recipe (ViT-B/16, ``DASSL_RECIPE``, lambda1 1, lambda2 5, 7-template ensemble) and
-Setup-I itself with ``--data-option shots=16 shots_seed=SEED`` (the paper's seeds are 1, 2, 3;
-``get_dataset("imagenet", shots=16, shots_seed=1)`` or ``run_method(..., dataset_options=...)``),
+is Setup-I (ViT-B/16, ``DASSL_RECIPE``, lambda1 1, lambda2 5, 7-template ensemble, 16 shots per
+class drawn with the run's seed: the paper's seeds are 1, 2, 3; a notebook session's data, loaded
+before the method is known, needs ``shots=16`` among its data options),
 ``domains`` the selected Setup-II PACS setting (lambda1 5, lambda2 1000, ratios 0.5 / 0.0, setup2
 reductions; 16-shot as well); ``iwildcam`` / ``fmow`` are not from the paper (Setup-I's recipe on
 the full training sets); ``synthwild`` is a CPU recipe of under a minute (the paper's batch 32 and
@@ -207,17 +208,21 @@ PRESETS = {
     # id_val macro-F1 (the release's SGD at lr 2e-3 underfits here in 30 epochs: see the module docstring)
     "synthwild": {"epochs": 30, "batch_size": 32, "optimizer": "adamw", "schedule": "cosine", "lr": 3e-3,
                   "weight_decay": 0.1, "warmup_steps": 20, "gen_lr": 3e-3, "augment": "none"},
-    # Setup-I's recipe. Setup-I's *data* is 16-shot: get_dataset("imagenet", shots=16, shots_seed=seed),
-    # i.e. --data-option shots=16 (dataset options are not a preset's; run() warns without it)
+    # Setup-I's recipe (its 16-shot data: DATA_PRESETS)
     "imagenet": {**DASSL_RECIPE, "select_split": None, "eval_splits": [], "templates": list(IMAGENET_TEMPLATES),
                  **DASSL_VIEWS},
-    # Setup-II (PACS, the selected setting; its data is 16-shot too: --data-option shots=16)
+    # Setup-II (PACS, the selected setting; 16-shot too: DATA_PRESETS)
     "domains": {**DASSL_RECIPE, "lambda1": 5.0, "lambda2": 1000.0, "ratio_image": 0.5, "ratio_text": 0.0,
                 "edr_reduction": "setup2", "text_ensemble": False, "templates": ["a photo of a {}."], **DASSL_VIEWS},
     # not from the paper: Setup-I's recipe (all of it, batch 32 and 30 epochs included) on the full WILDS sets
     "iwildcam": {**DASSL_RECIPE, "knn_bank_per_class": 500, **DASSL_VIEWS},
     "fmow": {**DASSL_RECIPE, "knn_bank_per_class": 500, **DASSL_VIEWS},
 }
+
+DATA_PRESETS = {"imagenet": {"shots": 16}, "domains": {"shots": 16}}
+"""Setup-I and Setup-II train on 16 images per class, drawn per seed: a run that loads its data by
+name (``run_method``, the CLI, sweeps) gets ``shots=16, shots_seed=<run seed>``; ``--data-option
+shots=null`` trains on the whole train split, ``shots=K`` on another count."""
 
 
 def resolve_mode(cfg: Config) -> Config:
@@ -657,8 +662,8 @@ def _gen_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
 
 def note_setup_data(dataset: RFTDataset) -> bool:
     """Warn when ImageNet is not few-shot: the ``imagenet`` preset is Setup-I's recipe, and Setup-I
-    trains on 16 images per class, which is the dataset option ``shots=16`` (a preset cannot set
-    it). Returns whether it warned."""
+    trains on 16 images per class (:data:`DATA_PRESETS`, applied when a run loads its data by name;
+    data loaded beforehand, e.g. by a notebook session, keeps its options). Returns whether it warned."""
     if dataset.name != "imagenet" or "shots" in dataset.options:
         return False
     log.warning("CRoFT's Setup-I trains on 16 images per class; this run trains on the whole ImageNet train split. "
