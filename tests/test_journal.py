@@ -129,3 +129,15 @@ def test_bad_sinks_and_bad_records_are_named(tmp_path, monkeypatch):
         journal.records()
     with pytest.raises(ValueError, match="unknown journal op"):
         journal.append("drop_table")
+
+
+def test_records_are_written_where_hard_links_are_refused(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("rftlib.results.journal.os.link", no_links)
+    journal = RunJournal(tmp_path)
+    journal.append("start_run", run_id="x", method="finetune", dataset="synthwild")
+    journal.append("finish_run", run_id="x")
+    assert [p.name for p in journal.files()] == ["00000001-start_run.json", "00000002-finish_run.json"]
+    assert journal.status() == "done" and not list(journal.folder.glob(".*"))

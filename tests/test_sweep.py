@@ -160,6 +160,8 @@ def test_slurm_jobs_are_submitted_as_one_array_with_torchrun_for_several_nodes(t
     assert " ".join(command).count("--rdzv_endpoint node17:29500") == 1 and "--nnodes 2" in " ".join(command)
     assert command[command.index("-m", 3):][:2] == ["-m", "rftlib.train"]
     assert job.environment() == {"RFT_RESULTS_SINK": "folder", "RFT_RUNS_DIR": str(tmp_path / "runs")}
+    cpu = _sweep(tmp_path, "cpu", spec, parallel=2)._job(spec.expand()[0])
+    assert cpu.environment()["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))  # cores shared, not oversubscribed
     args = job.train_args()
     assert args[args.index("--method") + 1] == "finetune" and args[args.index("--device") + 1] == "cuda"
     assert "--track" not in args

@@ -131,6 +131,11 @@ class RunJournal:
                     return path
                 except FileExistsError:
                     self._next = None
+                except OSError:  # a filesystem without hard links: the folder's lock makes us its only writer
+                    if not path.exists():
+                        os.replace(tmp, path)
+                        return path
+                    self._next = None
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -170,7 +170,7 @@ class Sweep:
     # ----------------------------------------------------------------------------- following jobs
     def _job(self, run: SweepRun) -> RunJob:
         return RunJob(run, str(self.results_db), str(self.runs_dir), self.executor.device, self.executor.gpus,
-                      self.executor.nodes, self.track)
+                      self.executor.nodes, self.track, self.executor.threads_per_job())
 
     def _follow_local(self, executor, states, skipped, wait, poll_s, progress) -> None:
         """Keep one job per GPU slot (or ``parallel`` CPU jobs) running until every run ends."""

@@ -78,6 +78,13 @@ class ExecutorSettings:
         if self.device is None:
             self.device = "cuda" if self.gpus else "cpu"
 
+    def threads_per_job(self) -> int | None:
+        """``local`` CPU jobs: this machine's cores shared out among the jobs running at once (jobs
+        that each take every core slow each other down many times over); None otherwise."""
+        if self.kind != "local" or self.gpus:
+            return None
+        return max(1, (os.cpu_count() or 1) // (self.parallel or 1))
+
     def gpu_slots(self) -> list[tuple[int, ...]]:
         """``local``: the GPU sets jobs take in turn (one set per concurrent job); [()] for CPU jobs."""
         if not self.gpus:
@@ -119,11 +126,15 @@ class RunJob:
     gpus: int = 0
     nodes: int = 1
     track: tuple[str, ...] = ()
+    threads: int | None = None
 
     def environment(self) -> dict[str, str]:
-        """What the run's process sees: its records go to its folder only, under the sweep's runs dir
-        (the executor sets ``CUDA_VISIBLE_DEVICES`` to the job's GPUs)."""
-        return {SINK_ENV_VAR: "folder", RUNS_ENV_VAR: self.runs_dir}
+        """What the run's process sees: its records go to its folder only, under the sweep's runs dir,
+        with its share of the CPU threads (the executor sets ``CUDA_VISIBLE_DEVICES`` to its GPUs)."""
+        env = {SINK_ENV_VAR: "folder", RUNS_ENV_VAR: self.runs_dir}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
 
     def train_args(self) -> list[str]:
         """``python -m rftlib.train`` arguments (the run's own plus where it writes and on what)."""
@@ -145,6 +156,10 @@ class RunJob:
 
     def __call__(self) -> str:
         os.environ.update(self.environment())
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # torch was imported before OMP_NUM_THREADS was set
         command = self.command(*_head_node_and_job())
         if command is None:
             from ..cli import main
