@@ -86,6 +86,7 @@ class Session:
     knobs: dict = field(default_factory=dict)
     data: Any = None
     clip: Any = None
+    method_data: dict = field(default_factory=dict)  # data_for's datasets loaded with a method's options
 
     def load_data(self, **options):
         """Load the dataset (cached on the session). Missing data raises with the prepare command."""
@@ -94,6 +95,21 @@ class Session:
         if self.data is None:
             self.data = get_dataset(self.dataset, root=self.data_root, **options)
         return self.data
+
+    def data_for(self, method: str):
+        """The data ``method`` trains on: the session's dataset, or (when the method's paper setting
+        implies dataset options, e.g. CRoFT's 16-shot Setup-I on ImageNet) that dataset loaded with
+        them (:func:`rftlib.methods.data_options_for`; cached per option set)."""
+        from .data import get_dataset
+        from .methods import data_options_for
+
+        options = data_options_for(method, self.dataset, seed=self.seed)
+        if not options:
+            return self.load_data()
+        key = tuple(sorted(options.items()))
+        if key not in self.method_data:
+            self.method_data[key] = get_dataset(self.dataset, root=self.data_root, **options)
+        return self.method_data[key]
 
     def load_model(self):
         """A fresh copy of the pretrained CLIP each call (methods fine-tune the model they get)."""
@@ -116,8 +132,8 @@ class Session:
         rest = {k: v for k, v in self.overrides.items() if k not in accepted}
         if rest and "base_overrides" in accepted and not overrides.get("finetuned"):
             overrides = {**overrides, "base_overrides": {**rest, **(overrides.get("base_overrides") or {})}}
-        return run_method(method, data=self.load_data(), clip=self.load_model(), device=self.device, seed=self.seed,
-                          results_db=self.results_db, overrides={**shared, **overrides},
+        return run_method(method, data=self.data_for(method), clip=self.load_model(), device=self.device,
+                          seed=self.seed, results_db=self.results_db, overrides={**shared, **overrides},
                           progress=self.progress, callbacks=callbacks, track=self.track)
 
     def axes(self) -> Axes:

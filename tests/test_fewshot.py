@@ -145,3 +145,16 @@ def test_a_malformed_data_preset_is_refused():
     module.DATA_PRESETS = {"imagenet": 16}
     with pytest.raises(MethodContractError, match="broken.DATA_PRESETS must map dataset names"):
         check_method_module(module)
+
+
+def test_a_notebook_session_gives_croft_its_few_shot_data(tmp_path):
+    from rftlib import notebook
+
+    from .fakes import make_fake_imagenet
+
+    root = make_fake_imagenet(tmp_path / "data", train_per_class=20)
+    session = notebook.setup(dataset="imagenet", data_root=str(root), seed=1, results_db=str(tmp_path / "r.db"))
+    assert session.data_for("finetune") is session.load_data() and len(session.load_data().split("train")) == 60
+    few = session.data_for("croft")
+    assert few.options == {"shots": 16, "shots_seed": 1} and len(few.split("train")) == 48
+    assert session.data_for("croft") is few  # loaded once

@@ -108,8 +108,7 @@ an optional external dataset ``open_set`` (``"name"`` or ``"name:root"`` of
 Paper: Zhu, Yang, Gu, Wang, Zhou, Ye, "Robust Fine-Tuning with Concurrent Optimization for OOD
 Generalization and Open-Set OOD Detection", ICML 2024 (arXiv 2405.16417). Presets: ``imagenet``
 is Setup-I (ViT-B/16, ``DASSL_RECIPE``, lambda1 1, lambda2 5, 7-template ensemble, 16 shots per
-class drawn with the run's seed: the paper's seeds are 1, 2, 3; a notebook session's data, loaded
-before the method is known, needs ``shots=16`` among its data options),
+class drawn with the run's seed: the paper's seeds are 1, 2, 3; ``DATA_PRESETS``),
 ``domains`` the selected Setup-II PACS setting (lambda1 5, lambda2 1000, ratios 0.5 / 0.0, setup2
 reductions; 16-shot as well); ``iwildcam`` / ``fmow`` are not from the paper (Setup-I's recipe on
 the full training sets); ``synthwild`` is a CPU recipe of under a minute (the paper's batch 32 and
@@ -221,7 +220,7 @@ PRESETS = {
 
 DATA_PRESETS = {"imagenet": {"shots": 16}, "domains": {"shots": 16}}
 """Setup-I and Setup-II train on 16 images per class, drawn per seed: a run that loads its data by
-name (``run_method``, the CLI, sweeps) gets ``shots=16, shots_seed=<run seed>``; ``--data-option
+name (``run_method``, the CLI, sweeps, a notebook session) gets ``shots=16, shots_seed=<run seed>``; ``--data-option
 shots=null`` trains on the whole train split, ``shots=K`` on another count."""
 
 
@@ -662,8 +661,9 @@ def _gen_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
 
 def note_setup_data(dataset: RFTDataset) -> bool:
     """Warn when ImageNet is not few-shot: the ``imagenet`` preset is Setup-I's recipe, and Setup-I
-    trains on 16 images per class (:data:`DATA_PRESETS`, applied when a run loads its data by name;
-    data loaded beforehand, e.g. by a notebook session, keeps its options). Returns whether it warned."""
+    trains on 16 images per class (:data:`DATA_PRESETS`, applied when a run or a notebook session
+    loads its data by name; data loaded beforehand and passed in keeps its options). Returns whether
+    it warned."""
     if dataset.name != "imagenet" or "shots" in dataset.options:
         return False
     log.warning("CRoFT's Setup-I trains on 16 images per class; this run trains on the whole ImageNet train split. "
