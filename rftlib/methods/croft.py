@@ -220,8 +220,8 @@ PRESETS = {
 
 DATA_PRESETS = {"imagenet": {"shots": 16}, "domains": {"shots": 16}}
 """Setup-I and Setup-II train on 16 images per class, drawn per seed: a run that loads its data by
-name (``run_method``, the CLI, sweeps, a notebook session) gets ``shots=16, shots_seed=<run seed>``; ``--data-option
-shots=null`` trains on the whole train split, ``shots=K`` on another count."""
+name (``run_method``, the CLI, sweeps, a notebook session) gets ``shots=16, shots_seed=<run seed>``;
+``--data-option shots=null`` trains on the whole train split, ``shots=K`` on another count."""
 
 
 def resolve_mode(cfg: Config) -> Config:
