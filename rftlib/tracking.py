@@ -8,7 +8,10 @@ trackers on for a run. Every tracker receives, against one global step:
   method's own loss terms, ``grad_norm`` when clipping, ...), and ``train/epoch`` after each epoch;
 * ``eval/<split>/<metric>``: the loop's per-epoch evaluations (ID validation by default);
 * ``final/<split>/<metric>``: the run's final metrics (the store's ``final`` rows), at the last
-  step, with the run's resolved config (TensorBoard hparams, W&B config).
+  step, with the run's resolved config (TensorBoard hparams, W&B config);
+* ``sweep/<knob>`` and ``sweep/<split>/<metric>``: each point of a method's knob sweep (WiSE-FT's
+  alphas, DRM's betas, R-Adapter's scales, DPS's mask ratios), against the point's index, on an axis
+  of their own (TensorBoard: ``<run folder>/tb/sweep``; W&B: ``sweep/index``).
 
 **Steps.** A method that trains more than once in one run (DPS's extra mask ratios) gets one
 continuous axis: each fit's steps follow the previous fit's last step. A resumed run continues its
@@ -102,6 +105,10 @@ class Tracker:
     def final(self, metrics: Mapping[str, float], step: int) -> None:
         raise NotImplementedError
 
+    def sweep(self, values: Mapping[str, float], index: int) -> None:
+        """One knob-sweep point (``sweep/<knob>``, ``sweep/<split>/<metric>``), the ``index``-th."""
+        raise NotImplementedError
+
     def close(self, failed: bool = False) -> None:
         raise NotImplementedError
 
@@ -158,10 +165,18 @@ class RunTracking:
 
     def __init__(self, run_id: str, trackers: Sequence[Tracker]):
         self.run_id, self.trackers, self.offset, self.step = run_id, list(trackers), 0, 0
+        self.points: set[int] = set()  # sweep points whose knob values are logged
 
     def __call__(self, event) -> None:
         scope = _SCOPE.get()
         if not self.trackers or scope is None or scope[0] != self.run_id:  # a base run's events are its own
+            return
+        if event.kind == "point":  # a knob-sweep point: its own axis (event.step is the point's index)
+            knobs = {} if event.step in self.points else _tagged("sweep", event.data["knobs"])  # once per point
+            self.points.add(event.step)
+            values = {**knobs, **_tagged(f"sweep/{event.data['split']}", event.data["metrics"])}
+            for tracker in self.trackers:
+                tracker.sweep(values, event.step)
             return
         step = self.step = self.offset + event.step
         if event.kind == "step":
@@ -244,6 +259,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer_class, self.log_dir, self._writer = SummaryWriter, run.folder / "tb", None
+        self._sweep_writer = None
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self._writer is None:  # this process's first step: what an earlier attempt logged from it on is dropped
@@ -261,10 +277,17 @@ class TensorBoardTracker(Tracker):
                 writer.add_scalar(tag, value, step)
             writer.add_text("config", f"```\n{json.dumps(self.run.description(), indent=1)}\n```", step)
 
+    def sweep(self, values: Mapping[str, float], index: int) -> None:
+        if self._sweep_writer is None:  # a sweep is evaluated whole each time: a new one replaces the old
+            self._sweep_writer = self._writer_class(str(self.log_dir / "sweep"), purge_step=0)
+        for tag, value in values.items():
+            self._sweep_writer.add_scalar(tag, value, index)
+
     def close(self, failed: bool = False) -> None:
-        if self._writer is not None:
-            self._writer.close()  # flushes
-            self._writer = None
+        for writer in (self._writer, self._sweep_writer):
+            if writer is not None:
+                writer.close()  # flushes
+        self._writer = self._sweep_writer = None
 
 
 class WandbTracker(Tracker):
@@ -275,7 +298,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, run: TrackedRun):
         super().__init__(run)
-        self._wandb, self._run = self.require(), None
+        self._wandb, self._run, self._sweep_axis = self.require(), None, False
 
     def wandb_id(self) -> str:
         """The W&B run id this run folder uses: kept in ``wandb_id``, so that a resume continues the
@@ -302,6 +325,13 @@ class WandbTracker(Tracker):
         run = self._opened()
         run.log(dict(metrics), step=step)  # ignored by W&B if a finished run is evaluated again ...
         run.summary.update(dict(metrics))  # ... while the summary always shows the latest
+
+    def sweep(self, values: Mapping[str, float], index: int) -> None:
+        run = self._opened()
+        if not self._sweep_axis:  # sweep charts against the point's index, not W&B's step
+            run.define_metric("sweep/*", step_metric="sweep/index")
+            self._sweep_axis = True
+        run.log({"sweep/index": index, **values})
 
     def close(self, failed: bool = False) -> None:
         if self._run is not None:

@@ -139,7 +139,9 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class Event:
-    """Something the loop reports to callbacks: ``kind`` is ``step``, ``eval``, ``epoch`` or ``end``."""
+    """Something the loop reports to callbacks: ``kind`` is ``step``, ``eval``, ``epoch`` or ``end``
+    (and ``point`` for a method's knob-sweep point, sent by its run: ``step`` is then the point's
+    index and ``data`` holds ``knobs``, ``split`` and ``metrics``)."""
 
     kind: str
     step: int

@@ -38,6 +38,9 @@ class FakeWandbRun:
     def log(self, values, step=None):
         self.calls.append(("log", dict(values), step))
 
+    def define_metric(self, name, step_metric=None):
+        self.calls.append(("define_metric", name, step_metric))
+
     def finish(self, exit_code=0):
         self.calls.append(("finish", exit_code))
 
@@ -249,3 +252,21 @@ def test_evaluating_a_finished_run_again_replaces_its_final_metrics(data, tmp_pa
     final = scalars(tmp_path / "run" / "tb" / "final")
     assert final == {f"final/{split}/{m}": [(0, pytest.approx(v, rel=1e-6))]
                      for split, metrics in result.metrics.items() for m, v in metrics.items()}
+
+
+def test_knob_sweep_points_are_tracked_on_their_own_axis(data, tmp_path, fake_wandb):
+    from rftlib.results import load
+
+    db = tmp_path / "r.db"
+    result = run_method("wiseft", data=data, clip=tiny_clip(), out_dir=tmp_path / "run", results_db=str(db),
+                        overrides=tiny_overrides("wiseft"), track=("tensorboard", "wandb"))
+    rows = load(db, run_id=result.run_id, kind="sweep", split="test", metric="macro_f1")
+    alphas = list(dict.fromkeys(rows.alpha))
+    curves = scalars(tmp_path / "run" / "tb" / "sweep")
+    assert curves["sweep/alpha"] == [(i, pytest.approx(a)) for i, a in enumerate(alphas)] and len(alphas) > 2
+    assert curves["sweep/test/macro_f1"] == [(i, pytest.approx(v, rel=1e-6)) for i, v in enumerate(rows.value)]
+    wise_calls = fake_wandb.runs[-1].calls  # every run shares the module's call list; the sweep's are the last run's
+    assert ("define_metric", "sweep/*", "sweep/index") in wise_calls
+    points = [c[1] for c in wise_calls if c[0] == "log" and "sweep/index" in c[1]]
+    assert [p["sweep/index"] for p in points] == sorted(p["sweep/index"] for p in points)
+    assert {p["sweep/alpha"] for p in points if "sweep/alpha" in p} == set(alphas)

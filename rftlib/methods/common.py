@@ -41,7 +41,7 @@ from ..models import ClipModel, ImageClassifier, ZeroShotHead, build_zeroshot_he
 from ..registry import UnknownNameError
 from ..results.journal import RunRecorder
 from ..runs import RunFolder
-from ..train import FitResult, TrainConfig, fit
+from ..train import Event, FitResult, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RunContext:
     config: Any = None
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     folder: RunFolder | None = None  # the run folder this process holds (main rank)
+    sweep_points: dict = field(default_factory=dict, repr=False)  # knob values -> index of the sweep point
 
     @property
     def spec(self) -> ImageSpec:
@@ -127,9 +128,17 @@ class RunContext:
         """Log one sweep point (a split's metrics at ``knobs``), also as the run's final rows when it
         is the value the run ``report``s, and return it as tidy rows for a sweep table."""
         self.log(res.split, res.role, res.metrics, kind="sweep", knobs=knobs, epoch=epoch)
+        index = self.sweep_points.setdefault(tuple(sorted(knobs.items())), len(self.sweep_points))
+        self.emit(Event("point", index, epoch or 0, {"knobs": dict(knobs), "split": res.split,
+                                                     "metrics": dict(res.metrics)}))
         if report:
             self.log(res.split, res.role, res.metrics, kind="final", knobs=knobs, epoch=epoch)
         return tidy_rows(self.dataset, knobs, res.split, res.role, res.metrics)
+
+    def emit(self, event: Event) -> None:
+        """Send ``event`` to the run's callbacks (the loop sends its own; a sweep point is a ``point``)."""
+        for callback in self.callbacks:
+            callback(event)
 
     def results_logger(self, knobs: Mapping[str, float] | None = None) -> Callable:
         """A training callback that logs every per-epoch evaluation (at the run's ``knobs``)."""
