@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rftlib.methods import run_method
 from rftlib.results import compare, load
 from rftlib.results.journal import RunJournal
-from rftlib.sweep import ExecutorSettings, Sweep, SweepSpec, folder_status
+from rftlib.sweep import ExecutorSettings, Sweep, SweepSpec, folder_status, list_tables
 from rftlib.sweep.__main__ import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,3 +197,11 @@ def test_a_failed_run_is_reported_with_its_log(tmp_path, capsys):
     log = Path(report.failed[0].log)
     assert f"log: {log}" in out and "failed: zeroshot imagenet seed=0" in out
     assert "prepare_imagenet.py" in log.read_text()  # the run's own error, naming the command that prepares data
+
+
+@pytest.mark.parametrize("table", list_tables())
+def test_every_shipped_paper_table_plans(table):
+    spec = SweepSpec.from_file(table, data_root="/data")
+    runs = spec.expand()
+    assert len(runs) == len(spec.methods) * len(spec.seeds) and {r.model for r in runs} == {"ViT-B-16"}
+    assert all("--data-root" in r.cli_args() for r in runs)

@@ -3,6 +3,7 @@
     python -m rftlib.sweep --methods finetune flyp --seeds 0 1 --dataset synthwild --set epochs=1
     python -m rftlib.sweep --file paper_table.toml --executor slurm --partition gpu --gpus 4
     python -m rftlib.sweep --file paper_table.toml --dry-run      # each run and whether it is done
+    python -m rftlib.sweep --file iwildcam-vitb16 --data-root data --executor slurm --gpus 4  # a shipped table
 
 From Python::
 
@@ -25,8 +26,8 @@ How it fits together:
 """
 
 from .driver import Sweep, SweepProgress, SweepReport, folder_status, print_progress
-from .grid import SweepRun, SweepSpec
+from .grid import SweepRun, SweepSpec, list_tables
 from .jobs import EXECUTORS, ExecutorSettings, RunJob
 
 __all__ = ["EXECUTORS", "ExecutorSettings", "RunJob", "Sweep", "SweepProgress", "SweepReport", "SweepRun",
-           "SweepSpec", "folder_status", "print_progress"]
+           "SweepSpec", "folder_status", "list_tables", "print_progress"]

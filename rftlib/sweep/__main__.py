@@ -23,7 +23,7 @@ from ..cli import INPUT_ERRORS, parse_override
 from ..data import list_datasets
 from ..methods import list_methods
 from .driver import Sweep
-from .grid import SweepSpec
+from .grid import SweepSpec, list_tables
 from .jobs import EXECUTORS, ExecutorSettings
 
 
@@ -38,7 +38,8 @@ def parse_grid(text: str) -> tuple[str, list[Any]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rftlib.sweep", description=__doc__.split("\n")[0])
     grid = parser.add_argument_group("the grid (a --file's fields, replaced by those given here)")
-    grid.add_argument("--file", default=None, help="a TOML or JSON sweep file")
+    grid.add_argument("--file", default=None,
+                      help=f"a TOML or JSON sweep file, or a shipped table: {', '.join(list_tables())}")
     grid.add_argument("--methods", nargs="+", default=None, metavar="NAME", help=", ".join(list_methods()))
     grid.add_argument("--dataset", "--datasets", dest="datasets", nargs="+", default=None, metavar="NAME",
                       help=", ".join(list_datasets()))

@@ -35,6 +35,8 @@ from typing import Any
 from ..methods import get_config, get_method, plan_identity
 from ..registry import UnknownNameError
 
+TABLES = Path(__file__).resolve().parent / "tables"
+"""Shipped sweep files: a paper table's grid each (``--file iwildcam-vitb16``)."""
 FIELDS = ("methods", "datasets", "seeds", "set", "grid", "data_options", "model", "pretrained", "data_root")
 MAPPINGS = ("set", "grid", "data_options")  # a file's tables, which given values extend rather than replace
 
@@ -106,11 +108,14 @@ class SweepSpec:
 
     @classmethod
     def from_file(cls, path: str | Path, **replace: Any) -> SweepSpec:
-        """Read a TOML (``.toml``) or JSON file; keyword arguments that are not None replace its fields
-        (``set``, ``grid``, ``data_options``: extend them)."""
+        """Read a TOML (``.toml``) or JSON file, or a shipped table by name (:func:`list_tables`);
+        keyword arguments that are not None replace its fields (``set``, ``grid``, ``data_options``:
+        extend them)."""
         path = Path(path)
+        if not path.is_file() and (TABLES / f"{path.name}.toml").is_file():
+            path = TABLES / f"{path.name}.toml"
         if not path.is_file():
-            raise FileNotFoundError(f"sweep file {path} does not exist")
+            raise FileNotFoundError(f"sweep file {path} does not exist (shipped tables: {', '.join(list_tables())})")
         text = path.read_text()
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
@@ -159,3 +164,8 @@ class SweepSpec:
                 continue
             kept[key] = value
         return kept
+
+
+def list_tables() -> list[str]:
+    """The names of the shipped sweep files (a paper table's grid each)."""
+    return sorted(p.stem for p in TABLES.glob("*.toml"))
