@@ -135,13 +135,25 @@ def test_slurm_needs_a_cluster_and_says_so(tmp_path, monkeypatch):
         _sweep(tmp_path, "runs", SweepSpec(methods=["zeroshot"]), kind="slurm").launch(wait=False, progress=None)
 
 
-def test_slurm_jobs_are_submitted_as_one_array_with_torchrun_for_several_nodes(tmp_path, monkeypatch):
+FAKE_SACCT = """#!/bin/sh
+printf 'JobID|State|NodeList\\n4242_0|PENDING|\\n4242_1|RUNNING|n1\\n4242_2|FAILED|n2\\n4242_3|CANCELLED by 7|\\n'
+"""
+
+
+def _fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch (keeps each submitted script in the returned folder), srun and sacct on PATH."""
     bin_dir, out = tmp_path / "bin", tmp_path / "submitted"
     bin_dir.mkdir(), out.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH.format(out=out)), ("srun", "#!/bin/sh\nexit 0\n")):
+    fakes = {"sbatch": FAKE_SBATCH.format(out=out), "srun": "#!/bin/sh\nexit 0\n", "sacct": FAKE_SACCT}
+    for name, text in fakes.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return out
+
+
+def test_slurm_jobs_are_submitted_as_one_array_with_torchrun_for_several_nodes(tmp_path, monkeypatch):
+    out = _fake_slurm(tmp_path, monkeypatch)
     spec = SweepSpec(methods=["finetune", "flyp"], datasets=["iwildcam"], seeds=[0, 1],
                      model="ViT-B-16", pretrained="openai", data_root="/data")
     sweep = _sweep(tmp_path, "runs", spec, kind="slurm", gpus=4, nodes=2, partition="gpu", time_min=720,
@@ -205,3 +217,15 @@ def test_every_shipped_paper_table_plans(table):
     runs = spec.expand()
     assert len(runs) == len(spec.methods) * len(spec.seeds) and {r.model for r in runs} == {"ViT-B-16"}
     assert all("--data-root" in r.cli_args() for r in runs)
+
+
+def test_running_a_slurm_sweep_again_submits_only_runs_whose_jobs_ended(tmp_path, monkeypatch):
+    out = _fake_slurm(tmp_path, monkeypatch)
+    spec = SweepSpec(methods=["finetune", "flyp"], seeds=[0, 1], model="ViT-B-16", pretrained="openai")
+    sweep = _sweep(tmp_path, "runs", spec, kind="slurm", gpus=1)
+    first = sweep.launch(wait=False, progress=None)
+    assert [s.job.job_id for s in first.states] == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    again = sweep.launch(wait=False, progress=None)  # sacct: 4242_0 pending, _1 running, _2 failed, _3 cancelled
+    assert [r.run_id for r in again.elsewhere] == [s.run.run_id for s in first.states[:2]]
+    assert [s.run.run_id for s in again.states] == [s.run.run_id for s in first.states[2:]]
+    assert len(list(out.iterdir())) == 2 and "--array=0-1" in sorted(out.iterdir())[-1].read_text()

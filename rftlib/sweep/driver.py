@@ -9,6 +9,7 @@ killed mid-way resumes from its last checkpoint, a finished one is not touched.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import write_text_atomically
 from ..results import ResultsStore, resolve_path
 from ..results import runs_dir as default_runs_dir
 from ..results.journal import GatherReport, RunJournal, gather
@@ -28,6 +30,10 @@ from .jobs import ExecutorSettings, RunJob, make_executor
 
 log = logging.getLogger(__name__)
 STATES = ("done", "queued", "running", "failed")
+ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
+LEDGER = "jobs.json"
+"""In the logs folder: the SLURM job each run was last submitted as, so that running the sweep again
+does not submit a run whose job is still queued or running."""
 
 
 def folder_status(folder: Path) -> str:
@@ -74,6 +80,7 @@ class SweepProgress:
 
     runs: list[RunState]
     skipped: int = 0
+    elsewhere: int = 0
 
     def counts(self) -> dict[str, int]:
         found = Counter(r.state for r in self.runs)
@@ -81,7 +88,9 @@ class SweepProgress:
 
     def line(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
-        already = f" ({self.skipped} done before)" if self.skipped else ""
+        notes = [f"{self.skipped} done before"] * bool(self.skipped)
+        notes += [f"{self.elsewhere} queued or running in an earlier launch"] * bool(self.elsewhere)
+        already = f" ({', '.join(notes)})" if notes else ""
         return f"[sweep {time.strftime('%H:%M:%S')}] {len(self.runs)} run(s){already}: {counts}"
 
 
@@ -105,6 +114,7 @@ class SweepReport:
     seconds: float
     results_db: Path
     counts: dict[str, int] = field(default_factory=dict)
+    elsewhere: list[SweepRun] = field(default_factory=list)
 
     @property
     def failed(self) -> list[RunState]:
@@ -154,25 +164,51 @@ class Sweep:
         """Launch every run that is not done; with ``wait``, follow them to the end (resubmitting
         failures up to ``executor.retries`` times) and gather the records into the store."""
         start = time.perf_counter()
-        skipped = [r for r in self.runs if folder_status(self.folder(r)) == "done"]
-        states = [RunState(r) for r in self.runs if r not in skipped]
+        status = {r.run_id: folder_status(self.folder(r)) for r in self.runs}
+        skipped = [r for r in self.runs if status[r.run_id] == "done"]
+        elsewhere = [r for r in self.runs if status[r.run_id] == "running" or
+                     (status[r.run_id] != "done" and self._still_queued(r))]
+        states = [RunState(r) for r in self.runs if r not in skipped and r not in elsewhere]
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         executor = make_executor(self.executor, self.logs_dir)
         if self.executor.kind == "local":
-            self._follow_local(executor, states, skipped, wait, poll_s, progress)
+            self._follow_local(executor, states, (skipped, elsewhere), wait, poll_s, progress)
         else:
-            self._follow_cluster(executor, states, skipped, wait, poll_s, progress)
+            self._follow_cluster(executor, states, (skipped, elsewhere), wait, poll_s, progress)
         gathered = self.gather() if wait else None
-        report = SweepReport(states, skipped, gathered, time.perf_counter() - start, self.results_db,
-                             SweepProgress(states, len(skipped)).counts())
-        return report
+        return SweepReport(states, skipped, gathered, time.perf_counter() - start, self.results_db,
+                           SweepProgress(states).counts(), elsewhere)
+
+    def _still_queued(self, run: SweepRun) -> bool:
+        """Whether ``run``'s SLURM job from an earlier launch is still queued or running (sacct)."""
+        job_id = self._ledger().get(run.run_id)
+        if self.executor.kind != "slurm" or job_id is None:
+            return False
+        import submitit
+
+        try:
+            state = submitit.SlurmJob(folder=self.logs_dir, job_id=job_id).get_info(mode="force").get("State", "")
+        except Exception as err:  # no sacct, or it failed: launching again is the safe side
+            log.warning("could not ask SLURM about job %s of run %s (%s); launching it again", job_id,
+                        run.run_id, err)
+            return False
+        return state.split(" ")[0] in ACTIVE_SLURM_STATES
+
+    def _ledger(self) -> dict[str, str]:
+        path = self.logs_dir / LEDGER
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _record_jobs(self, states: list[RunState]) -> None:
+        """Add the submitted jobs to the ledger (run id -> SLURM job id)."""
+        ledger = {**self._ledger(), **{s.run.run_id: str(s.job.job_id) for s in states if s.job is not None}}
+        write_text_atomically(self.logs_dir / LEDGER, json.dumps(ledger, indent=1, sort_keys=True))
 
     # ----------------------------------------------------------------------------- following jobs
     def _job(self, run: SweepRun) -> RunJob:
         return RunJob(run, str(self.results_db), str(self.runs_dir), self.executor.device, self.executor.gpus,
                       self.executor.nodes, self.track, self.executor.threads_per_job())
 
-    def _follow_local(self, executor, states, skipped, wait, poll_s, progress) -> None:
+    def _follow_local(self, executor, states, left_out, wait, poll_s, progress) -> None:
         """Keep one job per GPU slot (or ``parallel`` CPU jobs) running until every run ends."""
         free = list(self.executor.gpu_slots())
         slot_of: dict[int, tuple[int, ...]] = {}
@@ -190,22 +226,24 @@ class Sweep:
                     free.append(slot_of.pop(i))
                     changed = True
             if changed and progress:
-                progress(SweepProgress(states, len(skipped)))
+                progress(SweepProgress(states, *map(len, left_out)))
             changed = False
             if not wait or not any(s.state in ("queued", "running") for s in states):
                 return
             time.sleep(poll_s)
 
-    def _follow_cluster(self, executor, states, skipped, wait, poll_s, progress) -> None:
+    def _follow_cluster(self, executor, states, left_out, wait, poll_s, progress) -> None:
         """Submit every run as one job array, then follow them (resubmitting failures)."""
-        with executor.batch():
-            for state in states:
-                self._submit(executor, state, batched=True)
+        if states:
+            with executor.batch():
+                for state in states:
+                    self._submit(executor, state, batched=True)
         for state in states:  # job ids (and so log paths) exist once the array is submitted
             state.log = str(state.job.paths.stderr)
+        self._record_jobs(states)
         while True:
             if progress:
-                progress(SweepProgress(states, len(skipped)))
+                progress(SweepProgress(states, *map(len, left_out)))
             if not wait:
                 return
             pending = [s for s in states if s.state == "running"]
@@ -217,6 +255,7 @@ class Sweep:
                     self._settle(state)
                     if state.state == "queued":
                         self._submit(executor, state)
+                        self._record_jobs([state])
 
     def _submit(self, executor, state: RunState, batched: bool = False) -> None:
         state.job = executor.submit(self._job(state.run))
