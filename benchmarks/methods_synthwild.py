@@ -26,27 +26,14 @@ import torch
 
 from rftlib.cli import parse_override
 from rftlib.data import get_dataset
-from rftlib.methods import get_config, list_methods, run_method
+from rftlib.methods import applicable_overrides, list_methods, run_method
 from rftlib.models import load_clip
-from rftlib.registry import UnknownNameError
-
-
-def _applicable(method: str, overrides: dict) -> dict:
-    """The overrides that ``method``'s config has a field for."""
-    kept = {}
-    for key, value in overrides.items():
-        try:
-            get_config(method, "synthwild", {key: value})
-        except UnknownNameError:
-            continue
-        kept[key] = value
-    return kept
 
 
 def run_one(method: str, seed: int, data, work: Path, finetuned: dict[int, Path], extra: dict,
             results_db: str | None = None, device: str = "cpu") -> dict:
     """Run ``method`` once on its preset (plus the ``extra`` overrides it has) and return one table row."""
-    overrides = _applicable(method, extra)
+    overrides = applicable_overrides(method, "synthwild", extra)
     if method == "wiseft" and seed in finetuned:
         overrides["finetuned"] = str(finetuned[seed])
     clip = load_clip("synthclip", "synthclip")

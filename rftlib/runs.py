@@ -138,6 +138,21 @@ class RunFolder:
             log.info("removed %d temporary file(s) of interrupted writes in %s", len(removed), self.path)
         return self
 
+    def in_use(self) -> bool:
+        """Whether a live process holds the folder's lock now (without taking it; a sweep asks this of
+        runs another launch may be running)."""
+        path = self.path / LOCK_FILE
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock if we took it
+        return False
+
     def release(self) -> None:
         """Let go of the lock (closing the file releases it)."""
         if self._fd is not None:

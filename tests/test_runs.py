@@ -152,3 +152,14 @@ def test_settings_are_checked_before_the_data_is_loaded(tmp_path):
         run_method("finetune", dataset="iwildcam", data_root=str(tmp_path / "nothing"), overrides={"epochs": 0})
     with pytest.raises(ValueError, match="alphas must be a list"):
         run_method("wiseft", dataset="fmow", data_root=str(tmp_path / "nothing"), overrides={"alphas": 0.5})
+
+
+def test_a_held_folder_is_in_use_and_a_released_one_is_not(tmp_path):
+    from rftlib.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    assert not folder.in_use()  # no lock file yet
+    folder.acquire()
+    assert RunFolder(tmp_path / "run").in_use()
+    folder.release()
+    assert not RunFolder(tmp_path / "run").in_use()

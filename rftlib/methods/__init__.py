@@ -36,7 +36,7 @@ import torch
 from ..data.loading import LoaderSettings
 from ..devices import resolve_device
 from ..dist import broadcast_object, current
-from ..registry import Registry
+from ..registry import Registry, UnknownNameError
 from ..tracking import resolve_track, track_run
 from .common import ClassifierBuilder, RunContext, RunResult, resolve_config
 
@@ -97,6 +97,23 @@ def classifier_builder(method: str) -> ClassifierBuilder | None:
     """The evaluation-model builder ``method`` declares, or ``None`` when it declares none (a one-head
     method: :func:`~rftlib.methods.common.single_head_classifier` builds its model, from no config)."""
     return vars(get_method(method)).get("build_classifier")
+
+
+def applicable_overrides(method: str, dataset: str, overrides: Mapping[str, Any]) -> dict:
+    """The ``overrides`` that ``method``'s config has a field for (each value checked by the config
+    itself): one set of settings shared by several methods, e.g. a sweep's ``--set`` or a benchmark's.
+
+    Raises:
+        ValueError: a value the method's config refuses.
+    """
+    kept = {}
+    for key, value in overrides.items():
+        try:
+            get_config(method, dataset.lower(), {key: value})
+        except UnknownNameError:
+            continue
+        kept[key] = value
+    return kept
 
 
 def data_options_for(method: str, dataset: str, given: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:
@@ -286,6 +303,6 @@ def _seeded(config_cls, seed: int) -> dict:
     return {"seed": seed} if "seed" in fields else {}
 
 
-__all__ = ["METHODS", "MethodContractError", "RunContext", "RunResult", "check_method_module", "classifier_builder",
-           "get_config", "get_method", "list_methods", "open_run",
-           "data_options_for", "plan_identity", "run_config", "run_method"]
+__all__ = ["METHODS", "MethodContractError", "RunContext", "RunResult", "applicable_overrides", "check_method_module",
+           "classifier_builder", "data_options_for", "get_config", "get_method", "list_methods", "open_run",
+           "plan_identity", "run_config", "run_method"]

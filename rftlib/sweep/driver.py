@@ -8,10 +8,8 @@ killed mid-way resumes from its last checkpoint, a finished one is not touched.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from ..atomic import write_text_atomically
 from ..results import ResultsStore, resolve_path
 from ..results import runs_dir as default_runs_dir
 from ..results.journal import GatherReport, RunJournal, gather
-from ..runs import LOCK_FILE
+from ..runs import RunFolder
 from .grid import SweepRun, SweepSpec
 from .jobs import ExecutorSettings, RunJob, make_executor
 
@@ -43,23 +41,8 @@ def folder_status(folder: Path) -> str:
     if status is None:
         return "new"
     if status == "running" or status == "failed":
-        return "running" if _lock_held(folder) else ("interrupted" if status == "running" else "failed")
+        return "running" if RunFolder(folder).in_use() else ("interrupted" if status == "running" else "failed")
     return status
-
-
-def _lock_held(folder: Path) -> bool:
-    """Whether a live process holds the run folder's lock (:class:`rftlib.runs.RunFolder`)."""
-    path = folder / LOCK_FILE
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock if we took it
-    return False
 
 
 @dataclass

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..methods import get_config, get_method, plan_identity
-from ..registry import UnknownNameError
+from ..methods import applicable_overrides, get_method, plan_identity
 
 TABLES = Path(__file__).resolve().parent / "tables"
 """Shipped sweep files: a paper table's grid each (``--file iwildcam-vitb16``)."""
@@ -140,7 +139,7 @@ class SweepSpec:
         combos = [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
         runs, used = [], set()
         for method, dataset, seed, combo in itertools.product(self.methods, self.datasets, self.seeds, combos):
-            overrides = self._applicable(method, dataset, {**self.set, **combo})
+            overrides = applicable_overrides(method, dataset, {**self.set, **combo})
             used |= set(overrides)
             identity = plan_identity(method, dataset, model=self.model, pretrained=self.pretrained, seed=int(seed),
                                      overrides=overrides, dataset_options=self.data_options)
@@ -152,18 +151,6 @@ class SweepSpec:
                              f"{', '.join(unused)}; see rftlib.methods.get_config(method) for each method's fields")
         unique = {run.run_id: run for run in reversed(runs)}  # a point that collapses onto another runs once
         return [run for run in runs if unique.get(run.run_id) is run]
-
-    @staticmethod
-    def _applicable(method: str, dataset: str, overrides: Mapping[str, Any]) -> dict:
-        """The overrides ``method``'s config has a field for (each checked by the config itself)."""
-        kept = {}
-        for key, value in overrides.items():
-            try:
-                get_config(method, dataset.lower(), {key: value})
-            except UnknownNameError:
-                continue
-            kept[key] = value
-        return kept
 
 
 def list_tables() -> list[str]:
